@@ -1,0 +1,123 @@
+"""The scrape: every target collected in parallel under one deadline, turned into metric families.
+
+`MigexportCollector` is a prometheus_client custom collector: `collect()` is called once per scrape
+and yields families built from fresh snapshots; nothing is kept in global metric objects that
+concurrent scrapes could fight over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector as PromCollector
+
+from migexport import __version__
+from migexport.collectors import COLLECTOR_CLASSES, default_collectors
+from migexport.collectors.base import Collector
+from migexport.dsn import Target
+from migexport.metrics import COUNTER, MetricSpec, Sample, families
+from migexport.targets import SessionSettings, Snapshot, TargetWorker
+
+UP = MetricSpec(
+    "migexport_up",
+    "1 if the target's database answered this scrape's collection, 0 if it could not be reached or "
+    "did not answer before the scrape deadline.",
+)
+SCRAPE_DURATION = MetricSpec(
+    "migexport_scrape_duration_seconds", "Time this scrape spent collecting the target."
+)
+COLLECTOR_SUCCESS = MetricSpec(
+    "migexport_collector_success",
+    "1 if the collector's queries succeeded in this scrape, 0 if one failed (timeout, permission).",
+    labels=("collector",),
+)
+COLLECTOR_DURATION = MetricSpec(
+    "migexport_collector_duration_seconds", "Time one collector took in this scrape.", labels=("collector",)
+)
+IN_RECOVERY = MetricSpec(
+    "migexport_in_recovery", "1 if the target is a standby (pg_is_in_recovery()), 0 if a primary."
+)
+SERVER_VERSION = MetricSpec("migexport_server_version_num", "The target's server_version_num.")
+QUERIES = MetricSpec(
+    "migexport_queries_total", "Statements the exporter sent to the target: the load it adds.", kind=COUNTER
+)
+TIMEOUTS = MetricSpec(
+    "migexport_scrape_timeouts_total",
+    "Scrapes that gave up on the target at the deadline while its collection was still running.",
+    kind=COUNTER,
+)
+CONNECTS = MetricSpec(
+    "migexport_connection_attempts_total",
+    "Connections the exporter opened (or tried to) to the target; it keeps one open between scrapes.",
+    kind=COUNTER,
+)
+SELF_SPECS = (
+    UP,
+    SCRAPE_DURATION,
+    COLLECTOR_SUCCESS,
+    COLLECTOR_DURATION,
+    IN_RECOVERY,
+    SERVER_VERSION,
+    QUERIES,
+    TIMEOUTS,
+    CONNECTS,
+)
+
+
+def all_specs() -> tuple[MetricSpec, ...]:
+    return SELF_SPECS + tuple(spec for cls in COLLECTOR_CLASSES for spec in cls.specs)
+
+
+class MigexportCollector(PromCollector):
+    def __init__(
+        self,
+        targets: list[Target],
+        session: SessionSettings | None = None,
+        scrape_timeout_seconds: float = 5.0,
+        collectors: Callable[[], list[Collector]] = default_collectors,
+    ) -> None:
+        self.workers = [TargetWorker(t, collectors, session) for t in targets]
+        self.scrape_timeout_seconds = scrape_timeout_seconds
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, len(targets)), thread_name_prefix="migexport-scrape"
+        )
+
+    def snapshots(self) -> list[Snapshot]:
+        deadline = time.monotonic() + self.scrape_timeout_seconds
+        return list(self._pool.map(lambda w: w.snapshot(deadline), self.workers))
+
+    def collect(self) -> Iterator[Metric]:
+        snaps = self.snapshots()
+        per_target = [
+            (snap.target, self._self_samples(worker, snap) + snap.samples)
+            for worker, snap in zip(self.workers, snaps, strict=True)
+        ]
+        yield from families(per_target, all_specs())
+        build = GaugeMetricFamily("migexport_build_info", "migexport version; always 1.", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+
+    @staticmethod
+    def _self_samples(worker: TargetWorker, snap: Snapshot) -> list[Sample]:
+        samples = [
+            UP.sample(int(snap.up)),
+            SCRAPE_DURATION.sample(snap.duration_seconds),
+            QUERIES.sample(worker.queries_total),
+            TIMEOUTS.sample(worker.timeouts_total),
+            CONNECTS.sample(worker.connects_total),
+        ]
+        for name, ok in snap.collector_success.items():
+            samples.append(COLLECTOR_SUCCESS.sample(int(ok), collector=name))
+            samples.append(COLLECTOR_DURATION.sample(snap.collector_duration[name], collector=name))
+        if snap.server is not None:
+            samples.append(IN_RECOVERY.sample(int(snap.server.in_recovery)))
+            samples.append(SERVER_VERSION.sample(snap.server.version_num))
+        return samples
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,27 @@
+"""One module per signal; `default_collectors()` is the set `serve` runs for every target."""
+
+from __future__ import annotations
+
+from migexport.collectors.base import Collector
+from migexport.collectors.connections import ConnectionsCollector
+from migexport.collectors.locks import LocksCollector
+from migexport.collectors.replication import PrimaryReplicationCollector, StandbyReplicationCollector
+from migexport.collectors.size import SizeCollector
+from migexport.collectors.statements import StatementsCollector
+from migexport.collectors.transactions import TransactionsCollector
+
+COLLECTOR_CLASSES: tuple[type[Collector], ...] = (
+    LocksCollector,
+    ConnectionsCollector,
+    TransactionsCollector,
+    PrimaryReplicationCollector,
+    StandbyReplicationCollector,
+    SizeCollector,
+    # Last, so that every other statement of the first scrape already carries the marker it filters.
+    StatementsCollector,
+)
+
+
+def default_collectors() -> list[Collector]:
+    """Fresh instances for one target (collectors keep per-target state)."""
+    return [cls() for cls in COLLECTOR_CLASSES]

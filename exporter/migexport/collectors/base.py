@@ -1,0 +1,80 @@
+"""What every collector shares: the per-scrape context and the collector interface."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import psycopg
+
+from migexport.metrics import MetricSpec, Sample
+
+# Every statement the exporter sends starts with this comment. It makes our sessions easy to spot
+# in pg_stat_activity and lets the statements collector leave our own queries out of the latency sums.
+MARKER = "/* migexport */ "
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version_num: int
+    in_recovery: bool
+    database: str
+
+
+class Context:
+    """One collection pass over one target: its connection and what we learned about the server."""
+
+    def __init__(self, target: str, conn: psycopg.Connection, server: ServerInfo) -> None:
+        self.target = target
+        self.conn = conn
+        self.server = server
+        self.queries = 0
+        # Set by the locks collector, reused by collectors that need the same wait graph.
+        self.lock_graph: Any = None
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple]:
+        self.queries += 1
+        with self.conn.cursor() as cur:
+            cur.execute(MARKER + sql, params)  # type: ignore[arg-type]
+            return cur.fetchall()
+
+    def query_one(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> tuple:
+        rows = self.query(sql, params)
+        if len(rows) != 1:
+            raise RuntimeError(f"expected one row, got {len(rows)}")
+        return rows[0]
+
+
+class Collector(ABC):
+    """A signal: SQL at the top of its module, the metrics it yields, and `collect()`.
+
+    Instances belong to one target, so they may keep state between scrapes (caches, clocks).
+    """
+
+    name: ClassVar[str]
+    specs: ClassVar[tuple[MetricSpec, ...]]
+    # Expensive collectors run at most this often and serve their last result in between.
+    min_interval_seconds: ClassVar[float] = 0.0
+
+    def __init__(self) -> None:
+        self._cached: list[Sample] | None = None
+        self._cached_at = 0.0
+
+    def applies(self, server: ServerInfo) -> bool:
+        return True
+
+    @abstractmethod
+    def collect(self, ctx: Context) -> list[Sample]:
+        """Query the server and return this signal's samples."""
+
+    def collect_cached(self, ctx: Context) -> list[Sample]:
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached_at < self.min_interval_seconds:
+            return self._cached
+        samples = self.collect(ctx)
+        if self.min_interval_seconds:
+            self._cached, self._cached_at = samples, now
+        return samples
