@@ -1,0 +1,207 @@
+"""Lock waits from a real DDL lock queue: an old reader, an ALTER TABLE behind it, readers behind that."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import Blocked, monitor_dsn, run_blocking, scrape, series, value, wait_for
+from migexport.dsn import Target
+
+# The checklist's lock query: it joins on transactionid and so misses relation-lock queues.
+CHECKLIST_LOCK_QUERY = """
+SELECT blocked.pid FROM pg_stat_activity blocked
+JOIN pg_locks blocked_locks ON blocked.pid = blocked_locks.pid
+JOIN pg_locks blocking_locks ON blocked_locks.transactionid = blocking_locks.transactionid
+JOIN pg_stat_activity blocking ON blocking_locks.pid = blocking.pid
+WHERE NOT blocked_locks.granted
+"""
+
+
+@dataclass
+class DdlQueue:
+    root_pid: int
+    alter: Blocked
+    readers: list[Blocked]
+
+
+@pytest.fixture
+def ddl_queue(pg) -> Iterator[DdlQueue]:
+    """Open transaction reading lock_t; ALTER TABLE waiting behind it; 3 readers queued behind the ALTER."""
+    with pg.primary.connect() as setup:
+        setup.execute("DROP TABLE IF EXISTS lock_t")
+        setup.execute("CREATE TABLE lock_t (id int)")
+        setup.execute("INSERT INTO lock_t SELECT generate_series(1, 100)")
+    root = pg.primary.connect(application_name="test-old-reader")
+    root.execute("BEGIN")
+    root.execute("SELECT count(*) FROM lock_t")
+    alter = run_blocking(pg.primary, "ALTER TABLE lock_t ADD COLUMN extra int", app="test-migration")
+    wait_for(lambda: _waiting(pg) == 1, what="ALTER TABLE to wait")
+    readers = [run_blocking(pg.primary, "SELECT count(*) FROM lock_t", app="test-app") for _ in range(3)]
+    wait_for(lambda: _waiting(pg) == 4, what="3 readers to queue behind the ALTER")
+    try:
+        yield DdlQueue(root.info.backend_pid, alter, readers)
+    finally:
+        root.execute("ROLLBACK")
+        root.close()
+        for blocked in [alter, *readers]:
+            blocked.thread.join(timeout=10)
+            blocked.conn.close()
+        assert not alter.error and not any(r.error for r in readers)
+
+
+def _waiting(pg) -> int:
+    with pg.primary.connect() as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%lock_t%'"
+        ).fetchone()[0]
+
+
+def test_ddl_lock_queue_is_seen_whole(pg, ddl_queue, start_exporter):
+    exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
+
+    first = scrape(exporter.url)
+    assert value(first, "migexport_lock_waiting_sessions", target="primary") == 4
+    assert value(first, "migexport_lock_blocking_root_sessions", target="primary") == 1
+    assert value(first, "migexport_lock_max_blocked_by_one_session", target="primary") == 4
+    by_relation = {
+        (dict(labels)["relation"], dict(labels)["mode"]): v
+        for labels, v in series(first, "migexport_lock_waiting_sessions_by_relation").items()
+    }
+    assert by_relation == {("lock_t", "AccessExclusiveLock"): 1, ("lock_t", "AccessShareLock"): 3}
+
+    # The root is the old reader: idle in transaction, blocking all four.
+    roots = series(first, "migexport_lock_root_blocked_sessions")
+    assert list(roots.values()) == [4]
+    root_labels = dict(next(iter(roots)))
+    assert root_labels["pid"] == str(ddl_queue.root_pid)
+    assert root_labels["application_name"] == "test-old-reader"
+    assert root_labels["state"] == "idle in transaction"
+
+    wait1 = value(first, "migexport_lock_wait_max_seconds", target="primary")
+    assert wait1 > 0
+    time.sleep(1.0)
+    second = scrape(exporter.url)
+    assert value(second, "migexport_lock_wait_max_seconds", target="primary") >= wait1 + 0.9
+
+
+def test_checklist_query_misses_the_queue_that_the_exporter_sees(pg, ddl_queue):
+    """Why pg_blocking_pids(): the transactionid join of the checklist finds none of the 4 waiters."""
+    with pg.primary.connect() as conn:
+        assert conn.execute(CHECKLIST_LOCK_QUERY).fetchall() == []
+
+
+def test_scrapes_during_the_queue_are_fast_and_never_wait_or_block(pg, ddl_queue, start_exporter):
+    exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
+    observations: list[tuple] = []
+    stop = threading.Event()
+
+    def watch_exporter_sessions() -> None:
+        # Sample, as superuser, whether any exporter session waits for a lock or blocks someone.
+        with pg.primary.connect() as conn:
+            while not stop.is_set():
+                observations.extend(
+                    conn.execute(
+                        """
+                        SELECT e.pid, e.wait_event_type,
+                               EXISTS (SELECT 1 FROM pg_stat_activity w
+                                       WHERE e.pid = ANY(pg_blocking_pids(w.pid)))
+                        FROM pg_stat_activity e WHERE e.application_name = 'migexport'
+                        """
+                    ).fetchall()
+                )
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_exporter_sessions, daemon=True)
+    watcher.start()
+    try:
+        for _ in range(10):
+            started = time.monotonic()
+            metrics = scrape(exporter.url)
+            elapsed = time.monotonic() - started
+            assert elapsed < 1.0, f"scrape took {elapsed:.2f}s during the lock queue"
+            assert value(metrics, "migexport_up", target="primary") == 1
+            assert value(metrics, "migexport_lock_waiting_sessions", target="primary") == 4
+            assert all(v == 1 for v in series(metrics, "migexport_collector_success").values()), series(
+                metrics, "migexport_collector_success"
+            )
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    assert observations, "the exporter's session was never seen"
+    assert all(wait_type != "Lock" and not blocking for _pid, wait_type, blocking in observations)
+    assert len({pid for pid, _, _ in observations}) == 1, "one connection per target"
+
+
+def test_exporter_reads_through_an_exclusive_table_lock(pg, start_exporter):
+    """No collector touches user tables: a granted ACCESS EXCLUSIVE lock on one changes nothing."""
+    with pg.primary.connect() as setup:
+        setup.execute("CREATE TABLE IF NOT EXISTS locked_t (id int)")
+    holder = pg.primary.connect(application_name="test-ddl-holder")
+    holder.execute("BEGIN")
+    holder.execute("LOCK TABLE locked_t IN ACCESS EXCLUSIVE MODE")
+    try:
+        exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
+        metrics = scrape(exporter.url)
+        assert value(metrics, "migexport_up", target="primary") == 1
+        assert all(v == 1 for v in series(metrics, "migexport_collector_success").values())
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_lock_timeout_keeps_the_exporter_out_of_a_catalog_lock_queue(pg, start_exporter):
+    """With pg_database locked exclusively, collectors reading it give up after lock_timeout instead of
+    queueing; the scrape completes and reports which collectors failed."""
+    exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
+    scrape(exporter.url)  # connect first: a new connection itself needs pg_database
+    holder = pg.primary.connect(application_name="test-catalog-locker")
+    holder.execute("BEGIN")
+    holder.execute("LOCK TABLE pg_database IN ACCESS EXCLUSIVE MODE")
+    try:
+        started = time.monotonic()
+        metrics = scrape(exporter.url)
+        elapsed = time.monotonic() - started
+        assert value(metrics, "migexport_up", target="primary") == 1
+        assert value(metrics, "migexport_collector_success", target="primary", collector="locks") == 0
+        assert value(metrics, "migexport_collector_success", target="primary", collector="transactions") == 0
+        # Each failed collector waited one lock_timeout (100 ms), not the statement_timeout (2 s).
+        assert elapsed < 2.0
+        assert lock_waits_of_exporter(holder) == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert (
+        value(scrape(exporter.url), "migexport_collector_success", target="primary", collector="locks") == 1
+    )
+
+
+def lock_waits_of_exporter(conn) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'migexport' AND wait_event_type = 'Lock'"
+    ).fetchone()[0]
+
+
+def test_exporter_session_settings(pg, start_exporter):
+    """The exporter's own session: its application_name, read-only, short timeouts."""
+    exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
+    scrape(exporter.url)
+    worker = exporter.collector.workers[0]
+    conn = worker._connection()
+    settings = dict(
+        conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name IN "
+            "('application_name', 'lock_timeout', 'statement_timeout', 'default_transaction_read_only')"
+        ).fetchall()
+    )
+    assert settings == {
+        "application_name": "migexport",
+        "lock_timeout": "100",
+        "statement_timeout": "2000",
+        "default_transaction_read_only": "on",
+    }
