@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,9 @@ def test_every_password_form_is_redacted(text):
     out = redact(text)
     assert "hunter2" not in out and "hun ter2" not in out
     assert "***" in out
+
+
+def test_readme_documents_every_metric():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [spec.name for spec in all_specs() if f"`{spec.name}`" not in readme]
+    assert not missing, f"README.md does not document: {missing}"
