@@ -81,13 +81,15 @@ class MigexportCollector(PromCollector):
     ) -> None:
         self.workers = [TargetWorker(t, collectors, session) for t in targets]
         self.scrape_timeout_seconds = scrape_timeout_seconds
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, len(targets)), thread_name_prefix="migexport-scrape"
-        )
 
     def snapshots(self) -> list[Snapshot]:
         deadline = time.monotonic() + self.scrape_timeout_seconds
-        return list(self._pool.map(lambda w: w.snapshot(deadline), self.workers))
+        # Waiting threads of our own for each scrape: with a shared pool, concurrent scrapes waiting on
+        # a hung target would hold every thread until their deadline and starve the healthy targets.
+        with ThreadPoolExecutor(
+            max_workers=max(1, len(self.workers)), thread_name_prefix="migexport-scrape"
+        ) as pool:
+            return list(pool.map(lambda w: w.snapshot(deadline), self.workers))
 
     def collect(self) -> Iterator[Metric]:
         snaps = self.snapshots()
@@ -120,4 +122,3 @@ class MigexportCollector(PromCollector):
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
-        self._pool.shutdown(wait=False)

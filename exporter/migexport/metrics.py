@@ -27,6 +27,8 @@ class MetricSpec:
     help: str
     kind: str = GAUGE
     labels: tuple[str, ...] = ()
+    # False for facts about the migration or the exporter as a whole: no `target` label then.
+    per_target: bool = True
 
     def __post_init__(self) -> None:
         if self.kind == COUNTER and not self.name.endswith("_total"):
@@ -73,18 +75,19 @@ class SampleSet:
 
 
 def families(
-    per_target: Iterable[tuple[str, Iterable[Sample]]], specs: Iterable[MetricSpec] = ()
+    per_target: Iterable[tuple[str | None, Iterable[Sample]]], specs: Iterable[MetricSpec] = ()
 ) -> Iterator[Metric]:
     """Group samples by metric into families; `specs` are emitted even without samples so their
-    HELP lines are always visible."""
+    HELP lines are always visible. Samples of specs with per_target=False come with target None."""
     by_spec: dict[MetricSpec, list[tuple[tuple[str, ...], float]]] = {}
     for spec in specs:
         by_spec.setdefault(spec, [])
     for target, samples in per_target:
         for sample in samples:
-            by_spec.setdefault(sample.spec, []).append(((target, *sample.label_values), sample.value))
+            prefix = (target,) if sample.spec.per_target else ()
+            by_spec.setdefault(sample.spec, []).append(((*prefix, *sample.label_values), sample.value))  # type: ignore[arg-type]
     for spec, rows in by_spec.items():
-        labels = ["target", *spec.labels]
+        labels = ["target", *spec.labels] if spec.per_target else list(spec.labels)
         if spec.kind == COUNTER:
             family: Metric = CounterMetricFamily(spec.name.removesuffix("_total"), spec.help, labels=labels)
         else:
