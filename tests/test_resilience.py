@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Metrics, monitor_dsn, scrape, series, value, wait_for
 from migexport import localpg
@@ -19,18 +16,6 @@ from migexport.dsn import Target
 
 PREFIX = "migexport-test-"
 EXPORTER_SESSIONS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name = 'migexport' ORDER BY pid"
-
-
-def fetch(url: str, timeout: float = 30) -> tuple[int, Metrics]:
-    """One scrape: the HTTP status and the parsed samples (urlopen raises on an error status)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=timeout) as resp:
-        status = resp.status
-        text = resp.read().decode()
-    out: Metrics = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return status, out
 
 
 def up(m: Metrics, target: str) -> float:
@@ -48,15 +33,13 @@ def test_database_down_at_start_then_up(start_exporter):
         setup.primary.stop()
         exporter = start_exporter(Target("db", setup.primary.dsn()))
 
-        status, m = fetch(exporter.url)
-        assert status == 200
+        m = scrape(exporter.url)  # raises unless HTTP 200
         assert up(m, "db") == 0
         assert not series(m, "migexport_connections_max"), "no server facts for a target that is down"
         assert value(m, "migexport_connection_attempts_total", target="db") >= 1
 
         setup.primary.start()
-        status, m = fetch(exporter.url)
-        assert status == 200
+        m = scrape(exporter.url)  # raises unless HTTP 200
         assert up(m, "db") == 1
         assert value(m, "migexport_connections_max", target="db") > 0
         assert value(m, "migexport_in_recovery", target="db") == 0
@@ -70,12 +53,10 @@ def test_primary_restart_while_exporter_runs(start_exporter):
         attempts_before = value(m, "migexport_connection_attempts_total", target="db")
 
         setup.primary.stop()
-        status, m = fetch(exporter.url)
-        assert status == 200
+        m = scrape(exporter.url)  # raises unless HTTP 200
         assert up(m, "db") == 0
         # Still down on the following scrape: the reconnect is refused, not hung.
-        status, m = fetch(exporter.url)
-        assert status == 200
+        m = scrape(exporter.url)  # raises unless HTTP 200
         assert up(m, "db") == 0
 
         setup.primary.start()
@@ -102,8 +83,7 @@ def test_terminated_session_voids_one_pass_then_reconnects(start_exporter):
 
         # psycopg learns that the session is gone only when the pass sends its first statement:
         # that pass is void (up 0, no server samples) and drops the connection...
-        status, m = fetch(exporter.url)
-        assert status == 200
+        m = scrape(exporter.url)  # raises unless HTTP 200
         assert up(m, "db") == 0
         assert not series(m, "migexport_connections_max")
         # ...and the next one opens a new session.
@@ -139,9 +119,8 @@ def test_hung_backend_does_not_hang_the_scrape(pg, start_exporter):
         os.kill(pid, signal.SIGSTOP)
         try:
             with ThreadPoolExecutor(max_workers=8) as pool:
-                results = list(pool.map(lambda _: fetch(url), range(8)))
-            for status, m in results:
-                assert status == 200
+                results = list(pool.map(lambda _: scrape(url), range(8)))  # each raises unless HTTP 200
+            for m in results:
                 assert up(m, "hung") == 0
                 assert up(m, "healthy") == 1
             # The stuck pass holds the one session; no scrape opened another.
