@@ -6,17 +6,24 @@ Every error a user can cause ends as one line on stderr and a non-zero exit, nev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
 from migexport import __version__
+from migexport.baseline import BaselineError, read_baseline, summary_rows, write_baseline
+from migexport.baseline import capture as capture_baseline
+from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, load_config
 from migexport.dsn import TargetError, parse_targets, redact
+from migexport.run import RunError, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
+from migexport.state import write_atomic
 from migexport.targets import SessionSettings
 from migexport.units import parse_duration, parse_listen
 
@@ -24,7 +31,11 @@ EXIT_USAGE = 2
 
 
 class UserError(Exception):
-    """Something the user gave us is wrong; the message is one printable line."""
+    """Something the user gave us is wrong; each message is one printable line."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems = problems
 
 
 def _setup_logging(level: str) -> None:
@@ -51,81 +62,199 @@ def cli() -> None:
     """Make PostgreSQL production migrations observable and safe."""
 
 
+def _load_config(path: str | None) -> Config | None:
+    if path is None:
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UserError(*exc.problems) from None
+
+
+CONFIG_OPTION = click.option(
+    "--config", "-c", "config_path", metavar="FILE", help="migexport.yml (see 'migexport init')."
+)
+
+
 @cli.command()
+@CONFIG_OPTION
 @click.option(
     "--target",
     "-t",
     "target_specs",
     multiple=True,
     metavar="NAME=DSN",
-    help="A database to watch, repeatable. DSN is a libpq string or URI, or env:VAR, or file:PATH "
-    "(keeps passwords off the command line). Also read from MIGEXPORT_TARGETS (space-separated).",
+    help="A database to watch, repeatable (added to the config's). DSN is a libpq string or URI, or env:VAR, "
+    "or file:PATH (keeps passwords off the command line). Also read from MIGEXPORT_TARGETS (space-separated).",
 )
-@click.option(
-    "--listen", default=f":{DEFAULT_PORT}", show_default=True, help="HOST:PORT to serve /metrics on."
-)
-@click.option(
-    "--scrape-timeout",
-    default="5s",
-    show_default=True,
-    help="A scrape returns by then even if a database hangs (that target then reads up 0).",
-)
-@click.option(
-    "--statement-timeout",
-    default="2s",
-    show_default=True,
-    help="statement_timeout of the exporter's own sessions.",
-)
-@click.option(
-    "--lock-timeout", default="100ms", show_default=True, help="lock_timeout of the exporter's own sessions."
-)
-@click.option(
-    "--application-name",
-    default="migexport",
-    show_default=True,
-    help="application_name of the exporter's sessions, to tell them apart in pg_stat_activity.",
-)
+@click.option("--listen", help=f"HOST:PORT to serve /metrics on.  [default: :{DEFAULT_PORT}]")
+@click.option("--scrape-timeout", help="A scrape returns by then even if a database hangs.  [default: 5s]")
+@click.option("--statement-timeout", help="statement_timeout of the exporter's own sessions.  [default: 2s]")
+@click.option("--lock-timeout", help="lock_timeout of the exporter's own sessions.  [default: 100ms]")
+@click.option("--application-name", help="application_name of the exporter's sessions.  [default: migexport]")
+@click.option("--baseline", "baseline_path", metavar="FILE", help="Baseline file to export as migexport_baseline_*.")
+@click.option("--state-file", metavar="FILE", help="Migration state file written by 'migexport run'.")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def serve(
+    config_path: str | None,
     target_specs: tuple[str, ...],
-    listen: str,
-    scrape_timeout: str,
-    statement_timeout: str,
-    lock_timeout: str,
-    application_name: str,
+    listen: str | None,
+    scrape_timeout: str | None,
+    statement_timeout: str | None,
+    lock_timeout: str | None,
+    application_name: str | None,
+    baseline_path: str | None,
+    state_file: str | None,
     log_level: str,
 ) -> None:
-    """Serve lock, replication, connection, error and latency metrics for Prometheus."""
+    """Serve lock, replication, connection, error, latency, baseline and migration metrics."""
+    config = _load_config(config_path)
     specs = list(target_specs) + os.environ.get("MIGEXPORT_TARGETS", "").split()
-    if not specs:
-        raise UserError("no target: give --target NAME=DSN (or NAME=env:VAR, NAME=file:PATH)")
+    if config is None and not specs:
+        raise UserError("no target: give --target NAME=DSN (or NAME=env:VAR, NAME=file:PATH) or --config FILE")
     try:
-        targets = parse_targets(specs)
-        host, port = parse_listen(listen)
+        settings = ServeSettings.from_config(config) if config else ServeSettings(targets=[])
+        settings.targets = parse_targets(specs, existing=settings.targets)
+        if listen is not None:
+            settings.host, settings.port = parse_listen(listen)
     except (TargetError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    session = SessionSettings(
-        application_name=application_name,
-        lock_timeout_ms=round(_duration("--lock-timeout", lock_timeout) * 1000),
-        statement_timeout_ms=round(_duration("--statement-timeout", statement_timeout) * 1000),
+    session = settings.session
+    settings.session = SessionSettings(
+        application_name=application_name or session.application_name,
+        lock_timeout_ms=_ms("--lock-timeout", lock_timeout, session.lock_timeout_ms),
+        statement_timeout_ms=_ms("--statement-timeout", statement_timeout, session.statement_timeout_ms),
     )
-    settings = ServeSettings(
-        targets=targets,
-        host=host,
-        port=port,
-        session=session,
-        scrape_timeout_seconds=_duration("--scrape-timeout", scrape_timeout),
-    )
+    if scrape_timeout is not None:
+        settings.scrape_timeout_seconds = _duration("--scrape-timeout", scrape_timeout)
+    if baseline_path is not None:
+        settings.baseline_path = Path(baseline_path)
+    if state_file is not None:
+        settings.state_path = Path(state_file)
     _setup_logging(log_level)
     try:
         exporter = Exporter(settings).start()
     except OSError as exc:
-        raise UserError(f"--listen {listen}: cannot listen: {exc.strerror or exc}") from None
+        where = listen or f"{settings.host}:{settings.port}"
+        raise UserError(f"--listen {where}: cannot listen: {exc.strerror or exc}") from None
     _wait_for_signal()
     logging.getLogger("migexport").info("shutting down")
     exporter.stop()
+
+
+def _ms(name: str, text: str | None, default: int) -> int:
+    return default if text is None else round(_duration(name, text) * 1000)
+
+
+@cli.command()
+@click.argument("path", default="migexport.yml", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace the file if it exists.")
+def init(path: str, force: bool) -> None:
+    """Write an annotated example config file (default: migexport.yml)."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise UserError(f"{target} exists; use --force to replace it")
+    try:
+        write_atomic(target, EXAMPLE_CONFIG)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror}") from None
+    click.echo(f"wrote {target}: edit its targets and migration, then run 'migexport baseline -c {target}'")
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--duration", default="5m", show_default=True, help="How long to sample.")
+@click.option("--output", "-o", metavar="FILE", help="Baseline file to write.  [default: the config's baseline_file]")
+@click.option("--force", is_flag=True, help="Replace an existing baseline file.")
+def baseline(config_path: str | None, duration: str, output: str | None, force: bool) -> None:
+    """Sample the targets for a window before the migration and record the baseline."""
+    config = _load_config(config_path)
+    if config is None:
+        raise UserError("baseline needs --config FILE (targets, probes, the migration's id and tables)")
+    seconds = _duration("--duration", duration)
+    out = Path(output) if output else config.resolve(config.baseline_file)
+    if out.exists() and not force:  # before sampling, not after five minutes of it
+        raise UserError(f"{out} exists; use --force to replace it")
+    _setup_logging("warning")
+    try:
+        with click.progressbar(length=1000, label=f"sampling for {seconds:g}s", file=sys.stderr) as bar:
+
+            def progress(fraction: float) -> None:
+                bar.update(round(fraction * 1000) - bar.pos)
+
+            doc = capture_baseline(config, seconds, progress)
+        write_baseline(out, doc, force=force)
+    except BaselineError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror}") from None
+    click.echo(f"baseline for migration {doc['migration_id']} written to {out}")
+    _print_baseline(doc)
+
+
+def _print_baseline(doc: dict) -> None:
+    rows = summary_rows(doc)
+    width = max(len(k) for k, _ in rows)
+    for key, val in rows:
+        click.echo(f"  {key:<{width}}  {val}")
+    for missing in doc.get("missing", []):
+        click.echo(f"  not captured: {missing}")
+
+
+@cli.command("show-baseline")
+@click.argument("path", type=click.Path(dir_okay=False))
+def show_baseline(path: str) -> None:
+    """Check a baseline file and print what it holds."""
+    try:
+        read_baseline(Path(path))
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows_ok = summary_rows(doc)
+    except BaselineError as exc:
+        raise UserError(str(exc)) from None
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: field {exc} is missing or of the wrong type") from None
+    click.echo(f"baseline for migration {doc['migration_id']} in {path} ({len(rows_ok)} values)")
+    _print_baseline(doc)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@CONFIG_OPTION
+@click.option("--time-limit", help="Kill the command after this long.  [default: the config's time_budget, 30m]")
+@click.option("--log-file", metavar="FILE", help="Append to this log.  [default: the config's, migration.log]")
+@click.option("--state-file", metavar="FILE", help="Publish state here.  [default: the config's]")
+@click.option("--id", "migration_id", help="Migration id.  [default: the config's]")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def run(
+    config_path: str | None,
+    time_limit: str | None,
+    log_file: str | None,
+    state_file: str | None,
+    migration_id: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run the migration command: log, time limit, signals, exit status, state for 'serve'.
+
+    Example: migexport run -c migexport.yml -- npm run migrate:production
+    """
+    config = _load_config(config_path)
+    # Without a file: the migration section's defaults (30 min budget, files in this directory).
+    m = config.migration if config else Migration()
+    resolve = config.resolve if config else Path
+    try:
+        code = run_migration(
+            list(command),
+            migration_id=migration_id or m.id,
+            time_budget_seconds=_duration("--time-limit", time_limit) if time_limit else m.time_budget_seconds,
+            watch_window_seconds=m.watch_window_seconds,
+            log_path=Path(log_file) if log_file else resolve(m.log_file),
+            state_path=Path(state_file) if state_file else resolve(m.state_file),
+        )
+    except RunError as exc:
+        click.echo(f"migexport: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code)
 
 
 @cli.command()
@@ -176,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"migexport: error: {redact(exc.format_message())}", err=True)
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
     except UserError as exc:
-        click.echo(f"migexport: error: {redact(str(exc))}", err=True)
+        for problem in exc.problems:
+            click.echo(f"migexport: error: {redact(problem)}", err=True)
         sys.exit(EXIT_USAGE)
     except Exception as exc:
         if os.environ.get("MIGEXPORT_DEBUG"):

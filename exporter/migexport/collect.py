@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as PromCollector
 
 from migexport import __version__
+from migexport.baseline import BASELINE_SPECS
 from migexport.collectors import COLLECTOR_CLASSES, default_collectors
 from migexport.collectors.base import Collector
+from migexport.collectors.migration import MigrationSessionCollector, MigrationStateSource
 from migexport.dsn import Target
 from migexport.metrics import COUNTER, MetricSpec, Sample, families
 from migexport.targets import SessionSettings, Snapshot, TargetWorker
@@ -26,9 +29,7 @@ UP = MetricSpec(
     "1 if the target's database answered this scrape's collection, 0 if it could not be reached or "
     "did not answer before the scrape deadline.",
 )
-SCRAPE_DURATION = MetricSpec(
-    "migexport_scrape_duration_seconds", "Time this scrape spent collecting the target."
-)
+SCRAPE_DURATION = MetricSpec("migexport_scrape_duration_seconds", "Time this scrape spent collecting the target.")
 COLLECTOR_SUCCESS = MetricSpec(
     "migexport_collector_success",
     "1 if the collector's queries succeeded in this scrape, 0 if one failed (timeout, permission).",
@@ -37,9 +38,7 @@ COLLECTOR_SUCCESS = MetricSpec(
 COLLECTOR_DURATION = MetricSpec(
     "migexport_collector_duration_seconds", "Time one collector took in this scrape.", labels=("collector",)
 )
-IN_RECOVERY = MetricSpec(
-    "migexport_in_recovery", "1 if the target is a standby (pg_is_in_recovery()), 0 if a primary."
-)
+IN_RECOVERY = MetricSpec("migexport_in_recovery", "1 if the target is a standby (pg_is_in_recovery()), 0 if a primary.")
 SERVER_VERSION = MetricSpec("migexport_server_version_num", "The target's server_version_num.")
 QUERIES = MetricSpec(
     "migexport_queries_total", "Statements the exporter sent to the target: the load it adds.", kind=COUNTER
@@ -67,8 +66,22 @@ SELF_SPECS = (
 )
 
 
+class Source(Protocol):
+    """Metrics that come from files, not from a database (migration state, baseline)."""
+
+    specs: tuple[MetricSpec, ...]
+
+    def samples(self) -> list[Sample]: ...
+
+
 def all_specs() -> tuple[MetricSpec, ...]:
-    return SELF_SPECS + tuple(spec for cls in COLLECTOR_CLASSES for spec in cls.specs)
+    return (
+        SELF_SPECS
+        + tuple(spec for cls in COLLECTOR_CLASSES for spec in cls.specs)
+        + MigrationSessionCollector.specs
+        + MigrationStateSource.specs
+        + BASELINE_SPECS
+    )
 
 
 class MigexportCollector(PromCollector):
@@ -77,26 +90,27 @@ class MigexportCollector(PromCollector):
         targets: list[Target],
         session: SessionSettings | None = None,
         scrape_timeout_seconds: float = 5.0,
-        collectors: Callable[[], list[Collector]] = default_collectors,
+        collectors: Callable[[Target], list[Collector]] = lambda _target: default_collectors(),
+        sources: list[Source] | None = None,
     ) -> None:
-        self.workers = [TargetWorker(t, collectors, session) for t in targets]
+        self.workers = [TargetWorker(t, lambda t=t: collectors(t), session) for t in targets]
+        self.sources = sources or []
         self.scrape_timeout_seconds = scrape_timeout_seconds
 
     def snapshots(self) -> list[Snapshot]:
         deadline = time.monotonic() + self.scrape_timeout_seconds
         # Waiting threads of our own for each scrape: with a shared pool, concurrent scrapes waiting on
         # a hung target would hold every thread until their deadline and starve the healthy targets.
-        with ThreadPoolExecutor(
-            max_workers=max(1, len(self.workers)), thread_name_prefix="migexport-scrape"
-        ) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, len(self.workers)), thread_name_prefix="migexport-scrape") as pool:
             return list(pool.map(lambda w: w.snapshot(deadline), self.workers))
 
     def collect(self) -> Iterator[Metric]:
         snaps = self.snapshots()
-        per_target = [
+        per_target: list[tuple[str | None, list[Sample]]] = [
             (snap.target, self._self_samples(worker, snap) + snap.samples)
             for worker, snap in zip(self.workers, snaps, strict=True)
         ]
+        per_target += [(None, source.samples()) for source in self.sources]
         yield from families(per_target, all_specs())
         build = GaugeMetricFamily("migexport_build_info", "migexport version; always 1.", labels=["version"])
         build.add_metric([__version__], 1)

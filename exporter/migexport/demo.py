@@ -12,9 +12,7 @@ from migexport.service import Exporter, ServeSettings
 from migexport.workload import Workload
 
 
-def run_demo(
-    host: str, port: int, duration_seconds: float | None, echo: Callable[[str], None] = print
-) -> None:
+def run_demo(host: str, port: int, duration_seconds: float | None, echo: Callable[[str], None] = print) -> None:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

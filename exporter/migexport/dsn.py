@@ -102,8 +102,11 @@ def parse_target(spec: str, environ: os._Environ[str] | dict[str, str] = os.envi
     return Target(name=name, dsn=dsn)
 
 
-def parse_targets(specs: list[str], environ: os._Environ[str] | dict[str, str] = os.environ) -> list[Target]:
-    targets = [parse_target(spec, environ) for spec in specs]
+def parse_targets(
+    specs: list[str], environ: os._Environ[str] | dict[str, str] = os.environ, existing: list[Target] | None = None
+) -> list[Target]:
+    """Parse NAME=SOURCE values and add them to `existing` (targets from a config file); names are unique."""
+    targets = [*(existing or []), *(parse_target(spec, environ) for spec in specs)]
     seen: set[str] = set()
     for target in targets:
         if target.name in seen:

@@ -50,9 +50,7 @@ class LocalPgError(RuntimeError):
 def find_bindir() -> Path:
     """The newest PostgreSQL server bin directory on this machine."""
     on_path = shutil.which("pg_ctl")
-    candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True
-    )
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
     for candidate in candidates:
         if (Path(candidate) / "pg_basebackup").exists() and (Path(candidate) / "initdb").exists():
             return Path(candidate)

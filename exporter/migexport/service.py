@@ -1,4 +1,4 @@
-"""The exporter as a library: build the registry, start the HTTP server, stop cleanly.
+"""The exporter as a library: build the registry, start the HTTP server and probes, stop cleanly.
 
 `cli.py` and `demo.py` are thin layers over this; tests and benchmarks use it directly.
 """
@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from migexport.collect import MigexportCollector
+from migexport.baseline import BaselineSource
+from migexport.collect import MigexportCollector, Source
+from migexport.collectors import default_collectors
+from migexport.collectors.base import Collector
+from migexport.collectors.migration import MigrationSessionCollector, MigrationStateSource
+from migexport.config import App, Config, Migration, Probe
 from migexport.dsn import Target
 from migexport.http import MetricsServer
+from migexport.probes import ProbeMetrics, ProbeRunner
 from migexport.targets import SessionSettings
+from migexport.units import parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +35,79 @@ class ServeSettings:
     port: int = DEFAULT_PORT
     scrape_timeout_seconds: float = 5.0
     session: SessionSettings = field(default_factory=SessionSettings)
+    migration: Migration = field(default_factory=Migration)
+    state_path: Path = field(default_factory=lambda: Path(Migration().state_file))
+    baseline_path: Path | None = None
+    baseline_max_age_seconds: float = 86400.0
+    probes: tuple[Probe, ...] = ()
+    apps: tuple[App, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Config) -> ServeSettings:
+        host, port = parse_listen(config.listen)
+        return cls(
+            targets=list(config.targets),
+            host=host,
+            port=port,
+            scrape_timeout_seconds=config.scrape_timeout_seconds,
+            session=SessionSettings(
+                application_name=config.application_name,
+                lock_timeout_ms=round(config.lock_timeout_seconds * 1000),
+                statement_timeout_ms=round(config.statement_timeout_seconds * 1000),
+            ),
+            migration=config.migration,
+            state_path=config.resolve(config.migration.state_file),
+            baseline_path=config.resolve(config.baseline_file),
+            baseline_max_age_seconds=config.thresholds.baseline_max_age_seconds,
+            probes=config.probes,
+            apps=config.apps,
+        )
+
+    def migration_target(self) -> str:
+        return self.migration.target or self.targets[0].name
 
 
 class Exporter:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=False)
+        migration = settings.migration
+        sources: list[Source] = [MigrationStateSource(settings.state_path, migration.id, migration.time_budget_seconds)]
+        if settings.baseline_path is not None:
+            sources.append(BaselineSource(settings.baseline_path, migration.id, settings.baseline_max_age_seconds))
         self.collector = MigexportCollector(
-            settings.targets, settings.session, settings.scrape_timeout_seconds
+            settings.targets,
+            settings.session,
+            settings.scrape_timeout_seconds,
+            collectors=self._collectors_for,
+            sources=sources,
         )
         self.registry.register(self.collector)
+        self.probes: ProbeRunner | None = None
+        if settings.probes or settings.apps:
+            self.probes = ProbeRunner(
+                {t.name: t for t in settings.targets},
+                settings.probes,
+                settings.apps,
+                ProbeMetrics(self.registry),
+                settings.session,
+            )
         self.server: MetricsServer | None = None
+
+    def _collectors_for(self, target: Target) -> list[Collector]:
+        collectors = default_collectors()
+        if target.name == self.settings.migration_target():
+            migration = self.settings.migration
+            # After the locks collector, whose wait graph it reuses.
+            collectors.insert(1, MigrationSessionCollector(migration.id, migration.session_application_name))
+        return collectors
 
     def start(self) -> Exporter:
         self.server = MetricsServer(
             self.settings.host, self.settings.port, self.registry, [t.name for t in self.settings.targets]
         ).start()
+        if self.probes is not None:
+            self.probes.start()
         log.info(
             "serving metrics on http://%s:%d/metrics for %s",
             self.settings.host,
@@ -64,6 +129,8 @@ class Exporter:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.probes is not None:
+            self.probes.stop()
         self.collector.close()
 
     def __enter__(self) -> Exporter:

@@ -53,6 +53,23 @@ class SessionSettings:
         )
 
 
+def connect(target: Target, session: SessionSettings) -> psycopg.Connection:
+    """An observer-safe session to `target`: autocommit, read-only, short timeouts, our name."""
+    params = conninfo_to_dict(target.dsn)
+    options = f"{params.get('options', '')} {session.options()}".strip()
+    params.update(
+        application_name=session.application_name,
+        options=options,
+        connect_timeout=str(session.connect_timeout_s),
+        # Detect a dead peer instead of waiting on a half-open TCP connection forever.
+        keepalives="1",
+        keepalives_idle="10",
+        keepalives_interval="5",
+        keepalives_count="3",
+    )
+    return psycopg.connect(make_conninfo(**params), autocommit=True, prepare_threshold=None)
+
+
 @dataclass
 class Snapshot:
     """What one collection pass learned about one target."""
@@ -156,6 +173,10 @@ class TargetWorker:
                     self._note_up(False, self._describe(exc))
                     break
                 self._note_collector(collector.name, False, self._describe(exc))
+            except Exception as exc:
+                ok = False
+                log.debug("collector %s failed", collector.name, exc_info=True)
+                self._note_collector(collector.name, False, f"{type(exc).__name__}: {self._describe(exc)}")
             finally:
                 self.queries_total += ctx.queries - queries_before
             if ok:
@@ -171,22 +192,9 @@ class TargetWorker:
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
             return self._conn
         self._drop_connection()
-        params = conninfo_to_dict(self.target.dsn)
-        options = f"{params.get('options', '')} {self.session.options()}".strip()
-        params.update(
-            application_name=self.session.application_name,
-            options=options,
-            connect_timeout=str(self.session.connect_timeout_s),
-            # Detect a dead peer instead of waiting on a half-open TCP connection forever.
-            keepalives="1",
-            keepalives_idle="10",
-            keepalives_interval="5",
-            keepalives_count="3",
-        )
         self.connects_total += 1
-        conn = psycopg.connect(make_conninfo(**params), autocommit=True, prepare_threshold=None)
-        self._conn = conn
-        return conn
+        self._conn = connect(self.target, self.session)
+        return self._conn
 
     def _server_info(self, conn: psycopg.Connection) -> ServerInfo:
         with conn.cursor() as cur:

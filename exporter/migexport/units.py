@@ -14,6 +14,8 @@ def parse_duration(text: str | float | int) -> float:
         if text < 0:
             raise ValueError(f"duration {text!r} is negative")
         return float(text)
+    if str(text).strip().startswith("-"):
+        raise ValueError(f"duration {text!r} is negative")
     match = _DURATION.match(str(text))
     if not match:
         raise ValueError(f"duration {text!r} is not like 100ms, 5s, 30m or 1h")

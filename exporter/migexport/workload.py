@@ -23,9 +23,7 @@ CREATE TABLE IF NOT EXISTS demo_orders (
 
 
 class Workload:
-    def __init__(
-        self, dsn: str, workers: int = 2, rate_per_worker: float = 20.0, rollback_share: float = 0.05
-    ) -> None:
+    def __init__(self, dsn: str, workers: int = 2, rate_per_worker: float = 20.0, rollback_share: float = 0.05) -> None:
         self.dsn = dsn
         self.workers = workers
         self.interval = 1.0 / rate_per_worker

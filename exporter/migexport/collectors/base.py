@@ -34,6 +34,7 @@ class Context:
         self.queries = 0
         # Set by the locks collector, reused by collectors that need the same wait graph.
         self.lock_graph: Any = None
+        self.lock_waiters: list[Any] = []
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple]:
         self.queries += 1

@@ -139,7 +139,8 @@ class LocksCollector(Collector):
     def collect(self, ctx: Context) -> list[Sample]:
         waiters = self.waiters(ctx)
         graph = LockGraph({w.pid: w.blockers for w in waiters})
-        ctx.lock_graph = graph  # later collectors (the migration's own session) reuse it
+        # Later collectors (the migration's own session) reuse the graph instead of asking again.
+        ctx.lock_graph, ctx.lock_waiters = graph, waiters
         roots = graph.roots()
         blocked_counts = {root: len(graph.blocked_by(root)) for root in roots}
 

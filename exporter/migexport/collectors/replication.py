@@ -73,9 +73,7 @@ STANDBY_LAG_SECONDS = MetricSpec(
     "On a standby: 0 when it has replayed everything received and its WAL receiver is streaming, "
     "otherwise the age of the last replayed transaction (or of the server, if none was replayed).",
 )
-STANDBY_LAG_BYTES = MetricSpec(
-    "migexport_standby_replay_lag_bytes", "On a standby: WAL received but not yet replayed."
-)
+STANDBY_LAG_BYTES = MetricSpec("migexport_standby_replay_lag_bytes", "On a standby: WAL received but not yet replayed.")
 STANDBY_STREAMING = MetricSpec(
     "migexport_standby_receiver_streaming", "On a standby: 1 if the WAL receiver is streaming from upstream."
 )
@@ -117,9 +115,7 @@ class PrimaryReplicationCollector(Collector):
             standby = labels[pid]
             streaming += state == "streaming"
             samples.append(LAG_BYTES.sample(lag_bytes, standby=standby))
-            samples.append(
-                LAG_SECONDS.sample(self._lag_seconds(standby, lag_bytes, replay_lag, now), standby=standby)
-            )
+            samples.append(LAG_SECONDS.sample(self._lag_seconds(standby, lag_bytes, replay_lag, now), standby=standby))
         self._behind_since = {k: v for k, v in self._behind_since.items() if k in labels.values()}
         samples.append(STANDBYS.sample(streaming))
         for slot, active, retained, wal_status in ctx.query(SLOTS_SQL):
@@ -128,9 +124,7 @@ class PrimaryReplicationCollector(Collector):
             samples.append(SLOT_WAL_LOST.sample(int(wal_status in ("unreserved", "lost")), slot=slot))
         return samples
 
-    def _lag_seconds(
-        self, standby: str, lag_bytes: float | None, replay_lag: float | None, now: float
-    ) -> float:
+    def _lag_seconds(self, standby: str, lag_bytes: float | None, replay_lag: float | None, now: float) -> float:
         if lag_bytes is not None and lag_bytes <= 0:
             self._behind_since.pop(standby, None)
             return 0.0

@@ -26,9 +26,7 @@ ROLLBACKS = MetricSpec(
     "Transactions rolled back in the watched database (pg_stat_database.xact_rollback).",
     kind=COUNTER,
 )
-DEADLOCKS = MetricSpec(
-    "migexport_deadlocks_total", "Deadlocks detected in the watched database.", kind=COUNTER
-)
+DEADLOCKS = MetricSpec("migexport_deadlocks_total", "Deadlocks detected in the watched database.", kind=COUNTER)
 STATS_RESET = MetricSpec(
     "migexport_stats_reset_timestamp_seconds",
     "When the database's cumulative statistics were last reset (NaN if never): counters restart then.",

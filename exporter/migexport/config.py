@@ -1,0 +1,494 @@
+"""The configuration file (`migexport.yml`): targets, the migration, thresholds, probes, apps, SLIs.
+
+Every number the alert rules use lives in `Thresholds`, with the checklist's values as defaults, so
+rules and dashboards are rendered from one place. Validation collects every problem, each as one
+line naming its key (`thresholds.replication_lag_rollback: must be ...`); unknown keys are errors,
+because a misspelt threshold silently falling back to its default is how alerts end up wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from migexport.dsn import TARGET_NAME, Target, TargetError, resolve_source, validate_dsn
+from migexport.units import parse_duration, parse_listen
+
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config file; `problems` holds one printable line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every number the alert rules use. Defaults come from the production migration checklist."""
+
+    # "Consider rollback if: response times degraded >50%": latency > baseline x this.
+    latency_degradation_ratio: float = 1.5
+    # "Error rate increased >10%": error ratio > baseline x this ...
+    error_rate_increase_ratio: float = 1.1
+    # ... and above this absolute ratio, so that 10 % more of almost nothing cannot page.
+    error_ratio_floor: float = 0.01
+    # Baseline latency below this is raised to it before comparing (a 0.1 ms baseline x 1.5 is noise).
+    latency_floor_seconds: float = 0.001
+    # "Replication lag >10 minutes": consider rollback.
+    replication_lag_rollback_seconds: float = 600.0
+    # "Replication lag < threshold" while monitoring: watch.
+    replication_lag_watch_seconds: float = 30.0
+    # "Lock wait time < threshold".
+    lock_wait_seconds: float = 10.0
+    # The migration's session blocks others for longer than this.
+    blocking_seconds: float = 30.0
+    # "Connection count stable": further than this fraction from the baseline ...
+    connections_change_ratio: float = 0.5
+    # ... or above this share of max_connections.
+    connections_utilisation_max: float = 0.9
+    # Success criteria: "Error rate change < 1%", "Response time change < 10%".
+    success_error_rate_change_max: float = 0.01
+    success_latency_change_max: float = 0.10
+    # How long a condition must hold before an alert fires.
+    alert_for_seconds: float = 120.0
+    # How old a baseline may be before it is reported stale.
+    baseline_max_age_seconds: float = 86400.0
+
+
+DURATION_FIELDS = {
+    "latency_floor_seconds",
+    "replication_lag_rollback_seconds",
+    "replication_lag_watch_seconds",
+    "lock_wait_seconds",
+    "blocking_seconds",
+    "alert_for_seconds",
+    "baseline_max_age_seconds",
+}
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: str = "migration"
+    target: str = ""  # the target the migration runs against; default: the first target
+    affected_tables: tuple[str, ...] = ()
+    time_budget_seconds: float = 1800.0  # "timeout 30m"
+    watch_window_seconds: float = 3600.0  # "Short-Term (First Hour)"
+    session_application_name: str = "migration"  # how to recognise the migration's database session
+    log_file: str = "migration.log"
+    state_file: str = "migexport-state.json"
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    sql: str
+    target: str
+    interval_seconds: float = 15.0
+    timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    url: str
+    interval_seconds: float = 15.0
+    timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class Slis:
+    prometheus_url: str = ""
+    error_ratio: str = ""
+    latency_seconds: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    targets: tuple[Target, ...]
+    listen: str = ":9745"
+    scrape_timeout_seconds: float = 5.0
+    statement_timeout_seconds: float = 2.0
+    lock_timeout_seconds: float = 0.1
+    application_name: str = "migexport"
+    baseline_file: str = "baseline.json"
+    migration: Migration = field(default_factory=Migration)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    probes: tuple[Probe, ...] = ()
+    apps: tuple[App, ...] = ()
+    slis: Slis = field(default_factory=Slis)
+    path: Path | None = None
+
+    def migration_target(self) -> Target:
+        wanted = self.migration.target or self.targets[0].name
+        return next(t for t in self.targets if t.name == wanted)
+
+    def resolve(self, relative: str) -> Path:
+        """Paths in the file are relative to the file's directory."""
+        p = Path(relative)
+        if p.is_absolute() or self.path is None:
+            return p
+        return self.path.parent / p
+
+
+class _Reader:
+    """Walks the parsed YAML, recording each problem with the dotted key it belongs to."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(key, f"must be a mapping, got {type(value).__name__}")
+            return {}
+        for unknown in sorted(set(map(str, value)) - allowed):
+            self.problem(f"{key}.{unknown}" if key else unknown, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return {str(k): v for k, v in value.items() if str(k) in allowed}
+
+    def duration(self, value: Any, key: str, default: float, positive: bool = True) -> float:
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except (ValueError, TypeError) as exc:
+            self.problem(key, str(exc))
+            return default
+        if positive and seconds <= 0:
+            self.problem(key, f"must be greater than 0, got {value!r}")
+        return seconds
+
+    def number(self, value: Any, key: str, default: float, minimum: float = 0.0) -> float:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(key, f"must be a number, got {value!r}")
+            return default
+        if value < minimum:
+            self.problem(key, f"must be >= {minimum:g}, got {value!r}")
+        return float(value)
+
+    def string(self, value: Any, key: str, default: str, required: bool = False) -> str:
+        if value is None:
+            if required:
+                self.problem(key, "is required")
+            return default
+        if not isinstance(value, str) or (required and not value.strip()):
+            self.problem(key, f"must be a non-empty string, got {value!r}")
+            return default
+        return value
+
+    def name(self, value: Any, key: str) -> str:
+        text = self.string(value, key, "", required=True)
+        if text and not NAME.match(text):
+            self.problem(key, f"{text!r}: use letters, digits, '_', '.', '-' (starting with a letter)")
+        return text
+
+    def items(self, value: Any, key: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.problem(key, f"must be a list, got {type(value).__name__}")
+            return []
+        return value
+
+
+TOP_KEYS = {
+    "targets",
+    "listen",
+    "scrape_timeout",
+    "statement_timeout",
+    "lock_timeout",
+    "application_name",
+    "baseline_file",
+    "migration",
+    "thresholds",
+    "probes",
+    "apps",
+    "slis",
+}
+
+
+def _targets(r: _Reader, raw: Any, environ: dict[str, str] | os._Environ[str]) -> list[Target]:
+    targets: list[Target] = []
+    if raw is None or raw == {}:
+        r.problem("targets", "at least one target is required")
+        return targets
+    if not isinstance(raw, dict):
+        r.problem("targets", "must be a mapping of NAME: {dsn: ...} or NAME: {dsn_env: VAR} or NAME: {dsn_file: PATH}")
+        return targets
+    for name, spec in raw.items():
+        key = f"targets.{name}"
+        if not isinstance(name, str) or not TARGET_NAME.match(name):
+            r.problem(key, "target names use letters, digits, '_', '.', '-' (starting with a letter)")
+            continue
+        if isinstance(spec, str):
+            spec = {"dsn": spec}
+        entry = r.mapping(spec, key, {"dsn", "dsn_env", "dsn_file"})
+        given = [k for k in ("dsn", "dsn_env", "dsn_file") if entry.get(k)]
+        if len(given) != 1:
+            r.problem(key, "give exactly one of dsn, dsn_env, dsn_file")
+            continue
+        kind = given[0]
+        value = str(entry[kind])
+        source = {"dsn": value, "dsn_env": f"env:{value}", "dsn_file": f"file:{value}"}[kind]
+        try:
+            dsn = resolve_source(name, source, environ)
+            validate_dsn(name, dsn)
+            targets.append(Target(name, dsn))
+        except TargetError as exc:
+            r.problem(f"{key}.{kind}", str(exc).removeprefix(f"target {name!r}: "))
+    return targets
+
+
+def _thresholds(r: _Reader, raw: Any) -> Thresholds:
+    names = {f.name.removesuffix("_seconds") if f.name in DURATION_FIELDS else f.name: f for f in fields(Thresholds)}
+    entry = r.mapping(raw, "thresholds", set(names))
+    values: dict[str, float] = {}
+    for key, f in names.items():
+        default = f.default
+        if f.name in DURATION_FIELDS:
+            values[f.name] = r.duration(entry.get(key), f"thresholds.{key}", default)  # type: ignore[arg-type]
+        else:
+            values[f.name] = r.number(entry.get(key), f"thresholds.{key}", default)  # type: ignore[arg-type]
+    for ratio in ("latency_degradation_ratio", "error_rate_increase_ratio"):
+        if ratio in entry and values[ratio] < 1:
+            r.problem(f"thresholds.{ratio}", f"must be >= 1 (a factor over the baseline), got {entry[ratio]!r}")
+    for share in ("connections_utilisation_max", "error_ratio_floor"):
+        if share in entry and values[share] > 1:
+            r.problem(f"thresholds.{share}", f"must be a fraction between 0 and 1, got {entry[share]!r}")
+    return Thresholds(**values)
+
+
+def _migration(r: _Reader, raw: Any, target_names: list[str]) -> Migration:
+    keys = {
+        "id",
+        "target",
+        "affected_tables",
+        "time_budget",
+        "watch_window",
+        "session_application_name",
+        "log_file",
+        "state_file",
+    }
+    entry = r.mapping(raw, "migration", keys)
+    d = Migration()
+    target = r.string(entry.get("target"), "migration.target", "")
+    if target and target_names and target not in target_names:
+        r.problem("migration.target", f"{target!r} is not one of the targets ({', '.join(target_names)})")
+    tables = r.items(entry.get("affected_tables"), "migration.affected_tables")
+    for i, table in enumerate(tables):
+        if not isinstance(table, str) or not table.strip():
+            r.problem(f"migration.affected_tables[{i}]", f"must be a table name, got {table!r}")
+    mig_id = r.string(entry.get("id"), "migration.id", d.id)
+    if not NAME.match(mig_id):
+        r.problem("migration.id", f"{mig_id!r}: use letters, digits, '_', '.', '-' (starting with a letter)")
+    return Migration(
+        id=mig_id,
+        target=target,
+        affected_tables=tuple(t for t in tables if isinstance(t, str)),
+        time_budget_seconds=r.duration(entry.get("time_budget"), "migration.time_budget", d.time_budget_seconds),
+        watch_window_seconds=r.duration(entry.get("watch_window"), "migration.watch_window", d.watch_window_seconds),
+        session_application_name=r.string(
+            entry.get("session_application_name"), "migration.session_application_name", d.session_application_name
+        ),
+        log_file=r.string(entry.get("log_file"), "migration.log_file", d.log_file),
+        state_file=r.string(entry.get("state_file"), "migration.state_file", d.state_file),
+    )
+
+
+def _probes(r: _Reader, raw: Any, target_names: list[str]) -> list[Probe]:
+    probes: list[Probe] = []
+    seen: set[str] = set()
+    for i, item in enumerate(r.items(raw, "probes")):
+        key = f"probes[{i}]"
+        entry = r.mapping(item, key, {"name", "sql", "target", "interval", "timeout"})
+        name = r.name(entry.get("name"), f"{key}.name")
+        sql = r.string(entry.get("sql"), f"{key}.sql", "", required=True)
+        target = r.string(entry.get("target"), f"{key}.target", target_names[0] if target_names else "")
+        if target_names and target not in target_names:
+            r.problem(f"{key}.target", f"{target!r} is not one of the targets ({', '.join(target_names)})")
+        if name in seen:
+            r.problem(f"{key}.name", f"{name!r} is used twice")
+        seen.add(name)
+        probes.append(
+            Probe(
+                name=name,
+                sql=sql,
+                target=target,
+                interval_seconds=r.duration(entry.get("interval"), f"{key}.interval", 15.0),
+                timeout_seconds=r.duration(entry.get("timeout"), f"{key}.timeout", 2.0),
+            )
+        )
+    return probes
+
+
+def _apps(r: _Reader, raw: Any) -> list[App]:
+    apps: list[App] = []
+    seen: set[str] = set()
+    for i, item in enumerate(r.items(raw, "apps")):
+        key = f"apps[{i}]"
+        entry = r.mapping(item, key, {"name", "url", "interval", "timeout"})
+        name = r.name(entry.get("name"), f"{key}.name")
+        url = r.string(entry.get("url"), f"{key}.url", "", required=True)
+        if url and not re.match(r"^https?://", url):
+            r.problem(f"{key}.url", f"must start with http:// or https://, got {url!r}")
+        if name in seen:
+            r.problem(f"{key}.name", f"{name!r} is used twice")
+        seen.add(name)
+        apps.append(
+            App(
+                name=name,
+                url=url,
+                interval_seconds=r.duration(entry.get("interval"), f"{key}.interval", 15.0),
+                timeout_seconds=r.duration(entry.get("timeout"), f"{key}.timeout", 2.0),
+            )
+        )
+    return apps
+
+
+def _slis(r: _Reader, raw: Any) -> Slis:
+    entry = r.mapping(raw, "slis", {"prometheus_url", "error_ratio", "latency_seconds"})
+    slis = Slis(
+        prometheus_url=r.string(entry.get("prometheus_url"), "slis.prometheus_url", ""),
+        error_ratio=r.string(entry.get("error_ratio"), "slis.error_ratio", ""),
+        latency_seconds=r.string(entry.get("latency_seconds"), "slis.latency_seconds", ""),
+    )
+    if (slis.error_ratio or slis.latency_seconds) and not slis.prometheus_url:
+        r.problem("slis.prometheus_url", "is required when an SLI query is given")
+    return slis
+
+
+def parse_config(
+    data: Any, path: Path | None = None, environ: dict[str, str] | os._Environ[str] = os.environ
+) -> Config:
+    r = _Reader()
+    top = r.mapping(data, "", TOP_KEYS) if data is not None else {}
+    if data is None:
+        r.problem("targets", "at least one target is required (the file is empty)")
+    targets = _targets(r, top.get("targets"), environ) if data is not None else []
+    names = [t.name for t in targets]
+    listen = r.string(top.get("listen"), "listen", ":9745")
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        r.problem("listen", str(exc))
+    config = Config(
+        targets=tuple(targets),
+        listen=listen,
+        scrape_timeout_seconds=r.duration(top.get("scrape_timeout"), "scrape_timeout", 5.0),
+        statement_timeout_seconds=r.duration(top.get("statement_timeout"), "statement_timeout", 2.0),
+        lock_timeout_seconds=r.duration(top.get("lock_timeout"), "lock_timeout", 0.1),
+        application_name=r.string(top.get("application_name"), "application_name", "migexport"),
+        baseline_file=r.string(top.get("baseline_file"), "baseline_file", "baseline.json"),
+        migration=_migration(r, top.get("migration"), names),
+        thresholds=_thresholds(r, top.get("thresholds")),
+        probes=tuple(_probes(r, top.get("probes"), names)),
+        apps=tuple(_apps(r, top.get("apps"))),
+        slis=_slis(r, top.get("slis")),
+        path=path,
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def load_config(path: str | Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
+    try:
+        return parse_config(data, path, environ)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
+
+
+EXAMPLE_CONFIG = """\
+# migexport.yml: what migexport watches during a migration, and the numbers its alerts use.
+# Durations: 100ms, 5s, 30m, 1h. Unknown keys are errors. Paths are relative to this file.
+
+# The databases to watch: the primary and each standby, one exporter for all of them.
+# Give each exactly one of dsn (libpq string or URI), dsn_env (an environment variable that
+# holds the DSN) or dsn_file (a file that holds it, e.g. a Kubernetes secret). Keep passwords out
+# of this file: use dsn_env, dsn_file, or libpq's PGPASSFILE.
+targets:
+  primary:
+    dsn_env: MIGEXPORT_PRIMARY_DSN
+  # replica1:
+  #   dsn: "host=db2 dbname=app user=migexport"
+
+listen: ":9745"
+scrape_timeout: 5s          # a scrape returns by then even if a database hangs
+statement_timeout: 2s       # of the exporter's own sessions
+lock_timeout: 100ms         # of the exporter's own sessions: it never queues behind DDL
+application_name: migexport
+baseline_file: baseline.json
+
+migration:
+  id: add-orders-status            # label on every migration metric and alert
+  target: primary                  # where the migration runs (default: the first target)
+  affected_tables: [orders]        # their row estimates go into the baseline
+  time_budget: 30m                 # "timeout 30m": killed after this, alerts after it
+  watch_window: 1h                 # alerts stay armed this long after the end ("first hour")
+  session_application_name: migration   # set PGAPPNAME=migration for the migration's connection
+  log_file: migration.log
+  state_file: migexport-state.json # shared by 'migexport run' and 'migexport serve'
+
+# Every number the alert rules use. The defaults are the checklist's.
+thresholds:
+  latency_degradation_ratio: 1.5   # response times degraded >50%: consider rollback
+  error_rate_increase_ratio: 1.1   # error rate increased >10%: consider rollback ...
+  error_ratio_floor: 0.01          # ... and above 1 % of transactions
+  latency_floor: 1ms               # a smaller baseline latency is raised to this first
+  replication_lag_rollback: 10m    # replication lag >10 minutes: consider rollback
+  replication_lag_watch: 30s       # replication lag < threshold while it runs
+  lock_wait: 10s                   # lock wait time < threshold
+  blocking: 30s                    # the migration blocks other sessions for longer than this
+  connections_change_ratio: 0.5    # connection count further than 50 % from the baseline ...
+  connections_utilisation_max: 0.9 # ... or above 90 % of max_connections
+  success_error_rate_change_max: 0.01  # success criteria: error rate change < 1 %
+  success_latency_change_max: 0.10     # success criteria: response time change < 10 %
+  alert_for: 2m                    # how long a condition must hold before an alert fires
+  baseline_max_age: 24h            # an older baseline is reported stale
+
+# Key business queries, run read-only with their own timeout ("key business queries performing well").
+probes:
+  - name: recent_orders
+    target: primary
+    sql: "SELECT count(*) FROM orders WHERE created_at > now() - interval '1 hour'"
+    interval: 15s
+    timeout: 2s
+
+# Application health checks ("application health checks passing"); must answer 2xx in time.
+apps: []
+#  - name: web
+#    url: http://web:8080/healthz
+#    interval: 15s
+#    timeout: 2s
+
+# Optional application SLIs, captured into the baseline from your Prometheus.
+slis: {}
+#  prometheus_url: http://prometheus:9090
+#  error_ratio: 'sum(rate(http_requests_total{code=~"5.."}[5m])) / sum(rate(http_requests_total[5m]))'
+#  latency_seconds: 'histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket[5m])))'
+"""
