@@ -75,9 +75,7 @@ def start_exporter() -> Iterator[Callable[..., Exporter]]:
     """Start an exporter on 127.0.0.1 (ephemeral port) for the given targets; stopped after the test."""
     started: list[Exporter] = []
 
-    def start(
-        *targets: Target, scrape_timeout: float = 5.0, session: SessionSettings | None = None
-    ) -> Exporter:
+    def start(*targets: Target, scrape_timeout: float = 5.0, session: SessionSettings | None = None) -> Exporter:
         settings = ServeSettings(
             targets=list(targets),
             host="127.0.0.1",
@@ -132,6 +130,4 @@ def run_blocking(cluster: localpg.LocalCluster, sql: str, app: str = "test-clien
 
 def lock_waiters(cluster: localpg.LocalCluster) -> int:
     with cluster.connect() as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        ).fetchone()[0]
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]

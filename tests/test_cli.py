@@ -25,9 +25,7 @@ def migexport_argv() -> list[str]:
     return [exe] if exe else [sys.executable, "-c", "from migexport.cli import main; main()"]
 
 
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 20
-) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*migexport_argv(), *args],
         capture_output=True,
@@ -74,9 +72,7 @@ def test_listen_port_in_use_is_one_line():
         port = busy.getsockname()[1]
         proc = run_cli("serve", "--target", "a=host=127.0.0.1", "--listen", f"127.0.0.1:{port}")
     assert proc.returncode == 2
-    assert re.fullmatch(
-        r"migexport: error: --listen 127\.0\.0\.1:\d+: cannot listen: .+", proc.stderr.strip()
-    )
+    assert re.fullmatch(r"migexport: error: --listen 127\.0\.0\.1:\d+: cannot listen: .+", proc.stderr.strip())
 
 
 class Serve:

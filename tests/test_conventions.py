@@ -47,5 +47,5 @@ def test_every_password_form_is_redacted(text):
 
 def test_readme_documents_every_metric():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [spec.name for spec in all_specs() if f"`{spec.name}`" not in readme]
+    missing = [s.name for s in all_specs() if f"`{s.name}`" not in readme and f"`{s.name}{{" not in readme]
     assert not missing, f"README.md does not document: {missing}"

@@ -175,15 +175,12 @@ def test_lock_timeout_keeps_the_exporter_out_of_a_catalog_lock_queue(pg, start_e
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert (
-        value(scrape(exporter.url), "migexport_collector_success", target="primary", collector="locks") == 1
-    )
+    assert value(scrape(exporter.url), "migexport_collector_success", target="primary", collector="locks") == 1
 
 
 def lock_waits_of_exporter(conn) -> int:
     return conn.execute(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE application_name = 'migexport' AND wait_event_type = 'Lock'"
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migexport' AND wait_event_type = 'Lock'"
     ).fetchone()[0]
 
 

@@ -24,9 +24,7 @@ SLOT = "migexport_test_slot"
 
 @pytest.fixture
 def exporter(pg, start_exporter) -> Exporter:
-    return start_exporter(
-        Target("primary", monitor_dsn(pg.primary)), Target("replica1", monitor_dsn(pg.replicas[0]))
-    )
+    return start_exporter(Target("primary", monitor_dsn(pg.primary)), Target("replica1", monitor_dsn(pg.replicas[0])))
 
 
 # -- readings --------------------------------------------------------------------------------------
@@ -144,9 +142,7 @@ def test_pair_at_rest(pg, exporter):
     assert value(m, "migexport_in_recovery", target="replica1") == 1
     assert value(m, "migexport_standby_replay_paused", target="replica1") == 0
     # Each side exports only its own end's series.
-    assert not series(m, "migexport_standby_replay_lag_seconds").keys() - {
-        frozenset({("target", "replica1")})
-    }
+    assert not series(m, "migexport_standby_replay_lag_seconds").keys() - {frozenset({("target", "replica1")})}
     assert {dict(labels)["target"] for labels in series(m, "migexport_replication_standbys")} == {"primary"}
     assert {dict(labels)["standby"] for labels in series(m, "migexport_replication_lag_seconds")} == {STANDBY}
 

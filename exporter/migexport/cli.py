@@ -222,6 +222,7 @@ def show_baseline(path: str) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @CONFIG_OPTION
 @click.option("--time-limit", help="Kill the command after this long.  [default: the config's time_budget, 30m]")
+@click.option("--watch-window", help="Alerts stay armed this long after the end.  [default: the config's, 1h]")
 @click.option("--log-file", metavar="FILE", help="Append to this log.  [default: the config's, migration.log]")
 @click.option("--state-file", metavar="FILE", help="Publish state here.  [default: the config's]")
 @click.option("--id", "migration_id", help="Migration id.  [default: the config's]")
@@ -229,6 +230,7 @@ def show_baseline(path: str) -> None:
 def run(
     config_path: str | None,
     time_limit: str | None,
+    watch_window: str | None,
     log_file: str | None,
     state_file: str | None,
     migration_id: str | None,
@@ -247,7 +249,7 @@ def run(
             list(command),
             migration_id=migration_id or m.id,
             time_budget_seconds=_duration("--time-limit", time_limit) if time_limit else m.time_budget_seconds,
-            watch_window_seconds=m.watch_window_seconds,
+            watch_window_seconds=_duration("--watch-window", watch_window) if watch_window else m.watch_window_seconds,
             log_path=Path(log_file) if log_file else resolve(m.log_file),
             state_path=Path(state_file) if state_file else resolve(m.state_file),
         )
