@@ -7,11 +7,17 @@ role we recommend in production: the tests prove it is enough.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -131,3 +137,71 @@ def run_blocking(cluster: localpg.LocalCluster, sql: str, app: str = "test-clien
 def lock_waiters(cluster: localpg.LocalCluster) -> int:
     with cluster.connect() as conn:
         return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a tool the tests need; fail (never skip) with how to install it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"{name} is needed for this test: run 'bash scripts/test.sh' (it installs it) or "
+            f"'apt-get install -y {package}'",
+            pytrace=False,
+        )
+    return path
+
+
+@dataclass
+class PrometheusServer:
+    url: str
+    process: subprocess.Popen
+
+    def query(self, expr: str) -> list[dict]:
+        with urllib.request.urlopen(
+            self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10
+        ) as resp:
+            return json.load(resp)["data"]["result"]
+
+
+@contextlib.contextmanager
+def prometheus_server(tmp: Path, config: str = "global: {}\n") -> Iterator[PrometheusServer]:
+    """A real Prometheus on 127.0.0.1 with the given configuration, stopped on exit."""
+    binary = require_binary("prometheus", "prometheus")
+    (tmp / "prometheus.yml").write_text(config)
+    port = localpg.free_port()
+    log = open(tmp / "prometheus.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = PrometheusServer(f"http://127.0.0.1:{port}", proc)
+    try:
+        wait_for(
+            lambda: _ready(server.url + "/-/ready") or proc.poll() is not None, timeout=30, what="prometheus to start"
+        )
+        if proc.poll() is not None:
+            raise AssertionError(f"prometheus exited: {(tmp / 'prometheus.log').read_text()[-2000:]}")
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

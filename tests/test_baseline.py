@@ -11,8 +11,9 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import monitor_dsn
+from conftest import monitor_dsn, prometheus_server
 from migexport.baseline import read_baseline
+from migexport.localpg import free_port
 from test_cli import run_cli
 
 
@@ -146,3 +147,31 @@ def test_damaged_baseline_gives_exit_2_and_one_line(pg, baseline_db, tmp_path: P
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_application_slis_are_captured_from_a_real_prometheus(pg, baseline_db, tmp_path: Path):
+    with prometheus_server(tmp_path) as prom:
+        config = {
+            "targets": {"primary": monitor_dsn(pg.primary, baseline_db)},
+            "slis": {
+                "prometheus_url": prom.url,
+                "error_ratio": "vector(0.0125)",
+                "latency_seconds": "sum(vector(0.25))",
+            },
+        }
+        (tmp_path / "migexport.yml").write_text(yaml.safe_dump(config))
+        proc = run_cli("baseline", "-c", str(tmp_path / "migexport.yml"), "--duration", "1s")
+    assert proc.returncode == 0, proc.stderr
+    assert read_baseline(tmp_path / "baseline.json").slis == {"error_ratio": 0.0125, "latency_seconds": 0.25}
+
+
+def test_unreachable_prometheus_is_reported_as_not_captured(pg, baseline_db, tmp_path: Path):
+    config = {
+        "targets": {"primary": monitor_dsn(pg.primary, baseline_db)},
+        "slis": {"prometheus_url": f"http://127.0.0.1:{free_port()}", "error_ratio": "vector(1)"},
+    }
+    (tmp_path / "migexport.yml").write_text(yaml.safe_dump(config))
+    proc = run_cli("baseline", "-c", str(tmp_path / "migexport.yml"), "--duration", "1s")
+    assert proc.returncode == 0, proc.stderr
+    assert "not captured: sli error_ratio" in proc.stdout
+    assert read_baseline(tmp_path / "baseline.json").slis == {"error_ratio": None}
