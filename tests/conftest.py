@@ -78,16 +78,20 @@ def series(metrics: Metrics, name: str) -> dict[frozenset[tuple[str, str]], floa
 
 @pytest.fixture
 def start_exporter() -> Iterator[Callable[..., Exporter]]:
-    """Start an exporter on 127.0.0.1 (ephemeral port) for the given targets; stopped after the test."""
+    """Start an exporter on 127.0.0.1 (ephemeral port) for the given targets; stopped after the test.
+    Keyword arguments are further ServeSettings fields (migration, state_path, probes, ...)."""
     started: list[Exporter] = []
 
-    def start(*targets: Target, scrape_timeout: float = 5.0, session: SessionSettings | None = None) -> Exporter:
+    def start(
+        *targets: Target, scrape_timeout: float = 5.0, session: SessionSettings | None = None, **more
+    ) -> Exporter:
         settings = ServeSettings(
             targets=list(targets),
             host="127.0.0.1",
             port=0,
             scrape_timeout_seconds=scrape_timeout,
             session=session or SessionSettings(),
+            **more,
         )
         exporter = Exporter(settings).start()
         started.append(exporter)

@@ -5,21 +5,17 @@ from __future__ import annotations
 from conftest import monitor_dsn, run_blocking, scrape, value, wait_for
 from migexport.config import Migration
 from migexport.dsn import Target
-from migexport.service import Exporter, ServeSettings
 
 
-def test_migration_session_queued_behind_a_reader_blocks_the_readers_behind_it(pg, tmp_path):
+def test_migration_session_queued_behind_a_reader_blocks_the_readers_behind_it(pg, tmp_path, start_exporter):
     with pg.primary.connect() as setup:
         setup.execute("DROP TABLE IF EXISTS mig_t")
         setup.execute("CREATE TABLE mig_t (id int)")
-    settings = ServeSettings(
-        targets=[Target("primary", monitor_dsn(pg.primary))],
-        host="127.0.0.1",
-        port=0,
+    exporter = start_exporter(
+        Target("primary", monitor_dsn(pg.primary)),
         migration=Migration(id="m1", session_application_name="migration"),
         state_path=tmp_path / "state.json",
     )
-    exporter = Exporter(settings).start()
     reader = pg.primary.connect(application_name="test-old-reader")
     blocked = []
     try:
@@ -45,5 +41,4 @@ def test_migration_session_queued_behind_a_reader_blocks_the_readers_behind_it(p
         for b in blocked:
             b.thread.join(timeout=10)
             b.conn.close()
-        exporter.stop()
     assert not any(b.error for b in blocked)

@@ -13,7 +13,6 @@ import pytest
 from conftest import monitor_dsn, scrape, value, wait_for
 from migexport.config import Migration
 from migexport.dsn import Target
-from migexport.service import Exporter, ServeSettings
 from test_cli import migexport_argv
 
 
@@ -45,24 +44,11 @@ def run(
 
 
 @pytest.fixture
-def exporter_for(pg, tmp_path: Path):
-    started: list[Exporter] = []
-
-    def start() -> Exporter:
-        settings = ServeSettings(
-            targets=[Target("primary", monitor_dsn(pg.primary))],
-            host="127.0.0.1",
-            port=0,
-            migration=Migration(id="m1"),
-            state_path=tmp_path / "state.json",
-        )
-        exporter = Exporter(settings).start()
-        started.append(exporter)
-        return exporter
-
-    yield start
-    for exporter in started:
-        exporter.stop()
+def exporter_for(pg, tmp_path: Path, start_exporter):
+    """An exporter that reads the state file these tests' runs write."""
+    return lambda: start_exporter(
+        Target("primary", monitor_dsn(pg.primary)), migration=Migration(id="m1"), state_path=tmp_path / "state.json"
+    )
 
 
 def migration(metrics, name: str) -> float:
