@@ -135,8 +135,15 @@ def _valid_doc(pg, baseline_db, tmp_path: Path) -> dict:
             "targets.primary.tps: expected a non-negative number, got 'fast'",
         ),
         (lambda text, doc: json.dumps([1, 2]), "not a migexport baseline file"),
+        (
+            lambda text, doc: json.dumps(
+                {**doc, "targets": {"primary": {**doc["targets"]["primary"], "table_rows_estimate": [1000]}}}
+            ),
+            "targets.primary.table_rows_estimate: expected an object, got list",
+        ),
+        (lambda text, doc: json.dumps({**doc, "slis": [0.1]}), "slis: expected an object, got list"),
     ],
-    ids=["truncated", "future-version", "missing-field", "wrong-type", "not-a-baseline"],
+    ids=["truncated", "future-version", "missing-field", "wrong-type", "not-a-baseline", "rows-list", "slis-list"],
 )
 def test_damaged_baseline_gives_exit_2_and_one_line(pg, baseline_db, tmp_path: Path, damage, expected):
     doc = _valid_doc(pg, baseline_db, tmp_path)

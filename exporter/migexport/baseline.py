@@ -359,6 +359,15 @@ def _number(raw: Any, where: str, optional: bool = True) -> float | None:
     return float(raw)
 
 
+def _object(raw: Any, where: str) -> list[tuple[str, Any]]:
+    """The items of an optional JSON object (absent or null: none)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        raise BaselineError(f"{where}: expected an object, got {type(raw).__name__}")
+    return list(raw.items())
+
+
 @dataclass(frozen=True)
 class Baseline:
     migration_id: str
@@ -397,21 +406,28 @@ def read_baseline(path: Path) -> Baseline:
     for name, t in raw["targets"].items():
         if not isinstance(t, dict):
             raise BaselineError(f"{path}: targets.{name} must be an object")
-        for key in ("tps", "error_ratio", "statement_latency_seconds", "connections", "connection_utilisation"):
+        for key in (
+            "tps",
+            "error_ratio",
+            "statement_latency_seconds",
+            "connections",
+            "connection_utilisation",
+            "database_size_bytes",
+        ):
             _number(t.get(key), f"{where}: targets.{name}.{key}")
-        lags = t.get("replication_lag_seconds", {})
-        if not isinstance(lags, dict):
-            raise BaselineError(f"{path}: targets.{name}.replication_lag_seconds must be an object")
-        for standby, lag in lags.items():
-            if not isinstance(lag, dict):
-                raise BaselineError(f"{path}: targets.{name}.replication_lag_seconds.{standby} must be an object")
+        for standby, lag in _object(
+            t.get("replication_lag_seconds"), f"{where}: targets.{name}.replication_lag_seconds"
+        ):
+            _object(lag, f"{where}: targets.{name}.replication_lag_seconds.{standby}")
             _number(lag.get("max"), f"{where}: targets.{name}.replication_lag_seconds.{standby}.max")
+        for table, rows in _object(t.get("table_rows_estimate"), f"{where}: targets.{name}.table_rows_estimate"):
+            _number(rows, f"{where}: targets.{name}.table_rows_estimate.{table}")
     for name, p in raw["probes"].items():
         if not isinstance(p, dict):
             raise BaselineError(f"{path}: probes.{name} must be an object")
         for key in ("p50_seconds", "p95_seconds", "success_ratio"):
             _number(p.get(key), f"{where}: probes.{name}.{key}")
-    slis = raw.get("slis") or {}
+    slis = dict(_object(raw.get("slis"), f"{where}: slis"))
     return Baseline(
         migration_id=str(raw["migration_id"]),
         captured_at=captured,  # type: ignore[arg-type]
@@ -546,6 +562,7 @@ class BaselineSource:
         self.max_age_seconds = max_age_seconds
         self._stamp: tuple[float, int] | None = None
         self._baseline: Baseline | None = None
+        self._values: list[Sample] = []
         self._error: str | None = None
         self._reported: str | None = None
 
@@ -559,9 +576,14 @@ class BaselineSource:
             return
         self._stamp = stamp
         try:
-            self._baseline, self._error = read_baseline(self.path), None
-        except BaselineError as exc:
-            self._baseline, self._error = None, str(exc)
+            baseline = read_baseline(self.path)
+            # Built here, not per scrape: read_baseline() does not check every field (database_size_bytes,
+            # table_rows_estimate, slis), and a value that is no number must not fail every scrape.
+            values = self._values_of(baseline)
+            self._baseline, self._values, self._error = baseline, values, None
+        except (ValueError, TypeError, AttributeError) as exc:  # BaselineError is a ValueError
+            error = str(exc) if isinstance(exc, BaselineError) else f"{self.path}: malformed baseline: {exc}"
+            self._baseline, self._values, self._error = None, [], error
         if self._baseline is not None and self._baseline.migration_id != self.migration_id:
             log.warning(
                 "baseline %s was captured for migration %r, this is %r: using it anyway",
@@ -579,12 +601,17 @@ class BaselineSource:
             return [B_LOADED.sample(0, **m), B_STALE.sample(0, **m)]
         stale = time.time() - b.captured_at > self.max_age_seconds
         self._report(f"baseline {self.path} is stale (older than {self.max_age_seconds:g}s)" if stale else None)
-        out = [
+        return [
             B_LOADED.sample(1, **m),
             B_STALE.sample(int(stale), **m),
             B_CAPTURED.sample(b.captured_at, **m),
             B_WINDOW.sample(b.window_seconds, **m),
+            *self._values,
         ]
+
+    def _values_of(self, b: Baseline) -> list[Sample]:
+        m = {"migration_id": self.migration_id}
+        out: list[Sample] = []
 
         def add(spec: MetricSpec, v: Any, **labels: str) -> None:
             if v is not None:  # not captured: absent, so no alert compares against nothing

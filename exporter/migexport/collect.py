@@ -7,6 +7,7 @@ concurrent scrapes could fight over.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from migexport.collectors.migration import MigrationSessionCollector, MigrationS
 from migexport.dsn import Target
 from migexport.metrics import COUNTER, MetricSpec, Sample, families
 from migexport.targets import SessionSettings, Snapshot, TargetWorker
+
+log = logging.getLogger(__name__)
 
 UP = MetricSpec(
     "migexport_up",
@@ -110,11 +113,20 @@ class MigexportCollector(PromCollector):
             (snap.target, self._self_samples(worker, snap) + snap.samples)
             for worker, snap in zip(self.workers, snaps, strict=True)
         ]
-        per_target += [(None, source.samples()) for source in self.sources]
+        per_target += [(None, self._source_samples(source)) for source in self.sources]
         yield from families(per_target, all_specs())
         build = GaugeMetricFamily("migexport_build_info", "migexport version; always 1.", labels=["version"])
         build.add_metric([__version__], 1)
         yield build
+
+    @staticmethod
+    def _source_samples(source: Source) -> list[Sample]:
+        # A file-backed source must never take the database metrics down with it.
+        try:
+            return source.samples()
+        except Exception:
+            log.exception("%s failed; its metrics are left out of this scrape", type(source).__name__)
+            return []
 
     @staticmethod
     def _self_samples(worker: TargetWorker, snap: Snapshot) -> list[Sample]:

@@ -1,0 +1,296 @@
+"""The frozen `migexport_baseline_*` gauges, served from a baseline file written by hand.
+
+The file is built with the keys `migexport baseline` writes, served by a real exporter (its target
+is the session's primary), and read back from /metrics: every value, nulls left out, a missing,
+truncated or hand-broken file reported as not loaded without failing the scrape, re-read once fixed
+without a restart, and a baseline older than the maximum age reported stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Metrics, monitor_dsn, scrape, value
+from migexport.baseline import BaselineError, write_baseline
+from migexport.config import Migration
+from migexport.dsn import Target
+from migexport.service import Exporter, ServeSettings
+
+MIGRATION = "m1"
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def make_doc(captured_at: float | None = None) -> dict[str, Any]:
+    """A baseline document with the keys `_document()` produces (plus slis, as `capture()` adds)."""
+    return {
+        "format": "migexport-baseline",
+        "version": 1,
+        "migration_id": MIGRATION,
+        "captured_at": time.time() if captured_at is None else captured_at,
+        "window_seconds": 300.0,
+        "targets": {
+            "primary": {
+                "in_recovery": False,
+                "server_version_num": 150000,
+                "tps": 123.5,
+                "commits": 37000.0,
+                "rollbacks": 50.0,
+                "error_ratio": 0.00135,
+                "statement_latency_seconds": 0.0042,
+                "statement_calls_per_second": 410.25,
+                "connections_by_state": {"active": 3.5, "idle": 20.0},
+                "connections": 23.5,
+                "connections_max": 97.0,
+                "connection_utilisation": 0.2423,
+                "replication_lag_seconds": {"replica1": {"mean": 0.25, "max": 1.75}},
+                "standby_replay_lag_seconds": None,
+                "database_size_bytes": 123456789.0,
+                "table_rows_estimate": {"orders": 1000.0},
+            },
+        },
+        "probes": {
+            "recent_orders": {
+                "target": "primary",
+                "runs": 20,
+                "success_ratio": 0.95,
+                "p50_seconds": 0.012,
+                "p95_seconds": 0.085,
+            },
+        },
+        "slis": {"error_ratio": 0.002, "latency_seconds": 0.3},
+        "missing": [],
+    }
+
+
+def expected_series(doc: dict[str, Any]) -> Series:
+    """Every baseline gauge the document should become, with its labels; nulls have none."""
+    m = ("migration_id", MIGRATION)
+    out: Series = {
+        ("migexport_baseline_loaded", frozenset({m})): 1.0,
+        ("migexport_baseline_stale", frozenset({m})): 0.0,
+        ("migexport_baseline_captured_timestamp_seconds", frozenset({m})): doc["captured_at"],
+        ("migexport_baseline_window_seconds", frozenset({m})): doc["window_seconds"],
+    }
+
+    def add(name: str, v: float | None, **labels: str) -> None:
+        if v is not None:
+            out[(f"migexport_baseline_{name}", frozenset({m, *labels.items()}))] = v
+
+    for target, t in doc["targets"].items():
+        for key in ("tps", "error_ratio", "statement_latency_seconds", "connections", "connection_utilisation"):
+            add(key, t[key], target=target)
+        add("database_size_bytes", t["database_size_bytes"], target=target)
+        for standby, lag in t["replication_lag_seconds"].items():
+            add("replication_lag_seconds", lag["max"], target=target, standby=standby)
+        for table, rows in t["table_rows_estimate"].items():
+            add("table_rows_estimate", rows, target=target, table=table)
+    for probe, p in doc["probes"].items():
+        add("probe_latency_seconds", p["p50_seconds"], target=p["target"], probe=probe, quantile="0.5")
+        add("probe_latency_seconds", p["p95_seconds"], target=p["target"], probe=probe, quantile="0.95")
+        add("probe_success_ratio", p["success_ratio"], target=p["target"], probe=probe)
+    for sli, v in doc["slis"].items():
+        add("app_sli", v, sli=sli)
+    return out
+
+
+def baseline_series(metrics: Metrics) -> Series:
+    return {key: v for key, v in metrics.items() if key[0].startswith("migexport_baseline_")}
+
+
+def loaded(metrics: Metrics) -> float:
+    return value(metrics, "migexport_baseline_loaded", migration_id=MIGRATION)
+
+
+def stale(metrics: Metrics) -> float:
+    return value(metrics, "migexport_baseline_stale", migration_id=MIGRATION)
+
+
+@pytest.fixture
+def serve(pg, tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
+    """An exporter for the session primary serving `baseline_path`; stopped after the test."""
+    started: list[Exporter] = []
+
+    def start(baseline_path: Path, max_age_seconds: float = 86400.0) -> Exporter:
+        settings = ServeSettings(
+            targets=[Target("primary", monitor_dsn(pg.primary))],
+            host="127.0.0.1",
+            port=0,
+            migration=Migration(id=MIGRATION),
+            state_path=tmp_path / "state.json",
+            baseline_path=baseline_path,
+            baseline_max_age_seconds=max_age_seconds,
+        )
+        exporter = Exporter(settings).start()
+        started.append(exporter)
+        return exporter
+
+    yield start
+    for exporter in started:
+        exporter.stop()
+
+
+# -- a valid file -------------------------------------------------------------------------------------------
+def test_every_baseline_gauge_is_the_files_value(serve, tmp_path):
+    path = tmp_path / "baseline.json"
+    doc = make_doc()
+    write_baseline(path, doc, force=False)
+    m = scrape(serve(path).url)
+
+    assert loaded(m) == 1
+    assert stale(m) == 0
+    assert value(m, "migexport_baseline_captured_timestamp_seconds", migration_id=MIGRATION) == doc["captured_at"]
+    assert value(m, "migexport_baseline_tps", target="primary", migration_id=MIGRATION) == 123.5
+    assert (
+        value(m, "migexport_baseline_replication_lag_seconds", target="primary", standby="replica1", migration_id="m1")
+        == 1.75
+    )
+    assert (
+        value(m, "migexport_baseline_table_rows_estimate", target="primary", table="orders", migration_id="m1") == 1000
+    )
+    assert (
+        value(
+            m,
+            "migexport_baseline_probe_latency_seconds",
+            target="primary",
+            probe="recent_orders",
+            quantile="0.95",
+            migration_id="m1",
+        )
+        == 0.085
+    )
+    # And every other one: exactly the expected series, each with the file's value.
+    assert baseline_series(m) == expected_series(doc)
+
+
+def test_a_null_value_leaves_its_gauge_absent(serve, tmp_path):
+    path = tmp_path / "baseline.json"
+    doc = make_doc()
+    doc["targets"]["primary"]["statement_latency_seconds"] = None
+    doc["probes"]["recent_orders"]["p95_seconds"] = None
+    write_baseline(path, doc, force=False)
+    m = scrape(serve(path).url)
+
+    assert loaded(m) == 1
+    assert (
+        "migexport_baseline_statement_latency_seconds",
+        frozenset({("target", "primary"), ("migration_id", "m1")}),
+    ) not in m
+    got = baseline_series(m)
+    assert not [k for k in got if k[0] == "migexport_baseline_statement_latency_seconds"]  # absent, not 0 or NaN
+    assert not [k for k in got if ("quantile", "0.95") in k[1]]
+    assert got == expected_series(doc)
+
+
+# -- missing and broken files -------------------------------------------------------------------------------
+def test_a_missing_file_is_reported_once_and_picked_up_when_written(serve, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="migexport")
+    path = tmp_path / "not-yet" / "baseline.json"
+    exporter = serve(path)
+    for _ in range(4):
+        with urllib.request.urlopen(exporter.url + "/metrics", timeout=10) as resp:
+            assert resp.status == 200
+        m = scrape(exporter.url)
+        assert loaded(m) == 0
+        assert stale(m) == 0
+        assert baseline_series(m).keys() == {
+            ("migexport_baseline_loaded", frozenset({("migration_id", "m1")})),
+            ("migexport_baseline_stale", frozenset({("migration_id", "m1")})),
+        }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(path) in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+    doc = make_doc()
+    write_baseline(path, doc, force=False)
+    m = scrape(exporter.url)  # the same exporter: no restart
+    assert loaded(m) == 1
+    assert baseline_series(m) == expected_series(doc)
+
+
+def truncate_to_half(path: Path, doc: dict[str, Any]) -> None:
+    write_baseline(path, doc, force=True)
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def broken_field(key: str, bad: Any) -> Callable[[Path, dict[str, Any]], None]:
+    def write(path: Path, doc: dict[str, Any]) -> None:
+        doc["targets"]["primary"][key] = bad
+        write_baseline(path, doc, force=True)
+
+    return write
+
+
+def slis_as_list(path: Path, doc: dict[str, Any]) -> None:
+    doc["slis"] = ["error_ratio", 0.002]
+    write_baseline(path, doc, force=True)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        truncate_to_half,
+        broken_field("tps", "fast"),
+        broken_field("database_size_bytes", "huge"),
+        broken_field("table_rows_estimate", {"orders": "many"}),
+        broken_field("table_rows_estimate", [1000]),
+        broken_field("replication_lag_seconds", {"replica1": {"mean": 0.25, "max": "1.75"}}),
+        slis_as_list,
+    ],
+    ids=["truncated", "tps-string", "size-string", "rows-string", "rows-list", "lag-string", "slis-list"],
+)
+def test_a_broken_file_is_not_loaded_and_recovers_when_fixed(serve, tmp_path, damage):
+    path = tmp_path / "baseline.json"
+    write_baseline(path, make_doc(), force=False)
+    exporter = serve(path)
+    assert loaded(scrape(exporter.url)) == 1
+
+    damage(path, make_doc())
+    for _ in range(2):
+        m = scrape(exporter.url)  # HTTP 200, or this raises
+        assert loaded(m) == 0
+        assert value(m, "migexport_up", target="primary") == 1  # the rest of the scrape is intact
+        assert len(baseline_series(m)) == 2  # loaded and stale only: no half-read values
+
+    fixed = make_doc()
+    write_baseline(path, fixed, force=True)
+    m = scrape(exporter.url)
+    assert loaded(m) == 1
+    assert baseline_series(m) == expected_series(fixed)
+
+
+# -- age ----------------------------------------------------------------------------------------------------
+def test_an_old_baseline_is_loaded_but_stale(serve, tmp_path):
+    path = tmp_path / "baseline.json"
+    doc = make_doc(captured_at=time.time() - 2 * 86400)
+    write_baseline(path, doc, force=False)
+    m = scrape(serve(path, max_age_seconds=86400).url)
+
+    assert loaded(m) == 1
+    assert stale(m) == 1
+    assert value(m, "migexport_baseline_captured_timestamp_seconds", migration_id=MIGRATION) == doc["captured_at"]
+    assert value(m, "migexport_baseline_tps", target="primary", migration_id=MIGRATION) == 123.5
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+def test_write_baseline_never_overwrites_without_force(tmp_path):
+    path = tmp_path / "baseline.json"
+    first, second = make_doc(), make_doc()
+    second["targets"]["primary"]["tps"] = 999.0
+    write_baseline(path, first, force=False)
+    before = path.read_bytes()
+
+    with pytest.raises(BaselineError, match="exists"):
+        write_baseline(path, second, force=False)
+    assert path.read_bytes() == before
+
+    write_baseline(path, second, force=True)
+    assert path.read_bytes() != before
+    assert b"999.0" in path.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["baseline.json"]  # no temporary file left behind
