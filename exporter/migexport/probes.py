@@ -107,6 +107,21 @@ class ProbeMetrics:
         )
 
 
+class _Changes:
+    """Logs a check when it starts failing and when it recovers, not at every run."""
+
+    def __init__(self) -> None:
+        self.failing: set[str] = set()
+
+    def note(self, what: str, ok: bool, error: str) -> None:
+        if not ok and what not in self.failing:
+            log.warning("%s failed: %s", what, error)
+            self.failing.add(what)
+        elif ok and what in self.failing:
+            log.info("%s recovered", what)
+            self.failing.discard(what)
+
+
 class _Every:
     """Fixed-rate scheduling that does not drift with the time each run takes."""
 
@@ -171,7 +186,7 @@ class ProbeRunner:
         schedules = [(_Every(p.interval_seconds), p) for p in probes]
         secret = password_of(target.dsn) or ""
         conn: psycopg.Connection | None = None
-        failing: set[str] = set()
+        changes = _Changes()
         while not self._stop.is_set():
             for every, probe in schedules:
                 if self._stop.is_set() or not every.due(time.monotonic()):
@@ -185,19 +200,14 @@ class ProbeRunner:
                     result = ProbeResult(False, 0.0, str(exc).strip().splitlines()[0])
                 self.metrics.duration.labels(target.name, probe.name).observe(result.seconds)
                 self.metrics.success.labels(target.name, probe.name).set(int(result.ok))
-                if not result.ok and probe.name not in failing:
-                    log.warning("probe %s on %s failed: %s", probe.name, target.name, redact(result.error, (secret,)))
-                    failing.add(probe.name)
-                elif result.ok and probe.name in failing:
-                    log.info("probe %s on %s recovered", probe.name, target.name)
-                    failing.discard(probe.name)
+                changes.note(f"probe {probe.name} on {target.name}", result.ok, redact(result.error, (secret,)))
             self._stop.wait(0.05)
         if conn is not None:
             conn.close()
 
     def _app_loop(self, apps: tuple[App, ...]) -> None:
         schedules = [(_Every(a.interval_seconds), a) for a in apps]
-        failing: set[str] = set()
+        changes = _Changes()
         while not self._stop.is_set():
             for every, app in schedules:
                 if self._stop.is_set() or not every.due(time.monotonic()):
@@ -205,10 +215,5 @@ class ProbeRunner:
                 result = check_app(app)
                 self.metrics.app_up.labels(app.name).set(int(result.ok))
                 self.metrics.app_duration.labels(app.name).set(result.seconds)
-                if not result.ok and app.name not in failing:
-                    log.warning("app %s health check failed: %s", app.name, result.error)
-                    failing.add(app.name)
-                elif result.ok and app.name in failing:
-                    log.info("app %s health check recovered", app.name)
-                    failing.discard(app.name)
+                changes.note(f"app {app.name} health check", result.ok, result.error)
             self._stop.wait(0.05)
