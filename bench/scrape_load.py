@@ -445,8 +445,7 @@ def report_sessions(sampler: ActivitySampler) -> None:
 def final_lock_check(monitor: psycopg.Connection) -> None:
     """The point-in-time check after the scrapes, as the sampler may in theory miss a very short wait."""
     row = monitor.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migexport' "
-        "AND wait_event_type = 'Lock'"
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migexport' AND wait_event_type = 'Lock'"
     ).fetchone()
     print(f"  after the scrapes: migexport sessions waiting on a Lock now = {row[0] if row else '?'}")
 
@@ -456,14 +455,10 @@ def server_log_findings(logfile: Path) -> None:
     text = logfile.read_text(errors="replace")
     markers = ("still waiting for", "acquired", "lock timeout", "ERROR:", "FATAL:")
     hits = [
-        line
-        for line in text.splitlines()
-        if f"app={BENCH_APP_PREFIX}" not in line and any(m in line for m in markers)
+        line for line in text.splitlines() if f"app={BENCH_APP_PREFIX}" not in line and any(m in line for m in markers)
     ]
     # A control that the check works: the queue's own sessions did wait, so their waits must be logged.
-    control = sum(
-        1 for line in text.splitlines() if f"app={BENCH_APP_PREFIX}" in line and "still waiting" in line
-    )
+    control = sum(1 for line in text.splitlines() if f"app={BENCH_APP_PREFIX}" in line and "still waiting" in line)
     print(
         f"  server log, whole run (log_lock_waits, deadlock_timeout 50 ms): lock-wait/error lines from "
         f"exporter sessions: {len(hits)}; control, 'still waiting' lines from the queue's sessions: {control}"
@@ -504,17 +499,13 @@ def measure(phase: str, exporters: list[ExporterProc], sampler: ActivitySampler)
 
 def main() -> None:
     if shutil.which(POSTGRES_EXPORTER) is None:
-        sys.exit(
-            f"{POSTGRES_EXPORTER} not found on PATH (Debian: apt-get install prometheus-postgres-exporter)"
-        )
+        sys.exit(f"{POSTGRES_EXPORTER} not found on PATH (Debian: apt-get install prometheus-postgres-exporter)")
     started = time.monotonic()
     logdir = Path(tempfile.mkdtemp(prefix="migexport-bench-"))
     exporters: list[ExporterProc] = []
     load = Load()
     sampler: ActivitySampler | None = None
-    print(
-        f"scrape_load: {SCRAPES} sequential scrapes per exporter per phase, timeout {SCRAPE_TIMEOUT_S:.0f} s"
-    )
+    print(f"scrape_load: {SCRAPES} sequential scrapes per exporter per phase, timeout {SCRAPE_TIMEOUT_S:.0f} s")
     try:
         with localpg.local_setup(replicas=0, settings=SERVER_SETTINGS, prefix="migexport-bench-pg-") as setup:
             cluster = setup.primary
