@@ -19,8 +19,9 @@ import click
 from migexport import __version__
 from migexport.baseline import BaselineError, read_baseline, summary_rows, write_baseline
 from migexport.baseline import capture as capture_baseline
-from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, load_config
+from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, Thresholds, load_config
 from migexport.dsn import TargetError, parse_targets, redact
+from migexport.rulegen import DEFAULT_RUNBOOK_BASE, render
 from migexport.run import RunError, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
 from migexport.state import write_atomic
@@ -201,6 +202,40 @@ def _print_baseline(doc: dict) -> None:
         click.echo(f"  {key:<{width}}  {val}")
     for missing in doc.get("missing", []):
         click.echo(f"  not captured: {missing}")
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["prometheus", "prometheus-operator"]),
+    default="prometheus",
+    show_default=True,
+    help="A Prometheus rule file, or a PrometheusRule manifest.",
+)
+@click.option(
+    "--runbook-base-url",
+    default=DEFAULT_RUNBOOK_BASE,
+    show_default=True,
+    help="Where rules/runbooks/ is published; each alert links to <this>/<AlertName>.md.",
+)
+@click.option("--output", "-o", metavar="FILE", help="Write here instead of standard output.")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def rules(config_path: str | None, output_format: str, runbook_base_url: str, output: str | None, force: bool) -> None:
+    """Render the alert and recording rules from the config's thresholds (default: the checklist's)."""
+    config = _load_config(config_path)
+    text = render(config.thresholds if config else Thresholds(), runbook_base_url, output_format)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    out = Path(output)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; use --force to replace it")
+    try:
+        write_atomic(out, text)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror}") from None
 
 
 @cli.command("show-baseline")

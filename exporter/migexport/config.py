@@ -57,8 +57,10 @@ class Thresholds:
     # Success criteria: "Error rate change < 1%", "Response time change < 10%".
     success_error_rate_change_max: float = 0.01
     success_latency_change_max: float = 0.10
-    # How long a condition must hold before an alert fires.
+    # How long a condition must hold before a warning fires ...
     alert_for_seconds: float = 120.0
+    # ... and before an immediate-rollback page (health check or key query failing) fires.
+    critical_for_seconds: float = 60.0
     # How old a baseline may be before it is reported stale.
     baseline_max_age_seconds: float = 86400.0
 
@@ -70,6 +72,7 @@ DURATION_FIELDS = {
     "lock_wait_seconds",
     "blocking_seconds",
     "alert_for_seconds",
+    "critical_for_seconds",
     "baseline_max_age_seconds",
 }
 
@@ -468,7 +471,8 @@ thresholds:
   connections_utilisation_max: 0.9 # ... or above 90 % of max_connections
   success_error_rate_change_max: 0.01  # success criteria: error rate change < 1 %
   success_latency_change_max: 0.10     # success criteria: response time change < 10 %
-  alert_for: 2m                    # how long a condition must hold before an alert fires
+  alert_for: 2m                    # how long a condition must hold before a warning fires
+  critical_for: 1m                 # ... and before an immediate-rollback page fires
   baseline_max_age: 24h            # an older baseline is reported stale
 
 # Key business queries, run read-only with their own timeout ("key business queries performing well").
