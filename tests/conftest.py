@@ -16,11 +16,13 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from migexport import localpg
@@ -168,31 +170,15 @@ class PrometheusServer:
 
 
 @contextlib.contextmanager
-def prometheus_server(tmp: Path, config: str = "global: {}\n") -> Iterator[PrometheusServer]:
-    """A real Prometheus on 127.0.0.1 with the given configuration, stopped on exit."""
-    binary = require_binary("prometheus", "prometheus")
-    (tmp / "prometheus.yml").write_text(config)
-    port = localpg.free_port()
-    log = open(tmp / "prometheus.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--web.enable-lifecycle",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    server = PrometheusServer(f"http://127.0.0.1:{port}", proc)
+def running(argv: list[str], log_path: Path, ready_url: str, what: str) -> Iterator[subprocess.Popen]:
+    """A server process that is ready (its ready_url answers 200) for the body, stopped after it."""
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(
-            lambda: _ready(server.url + "/-/ready") or proc.poll() is not None, timeout=30, what="prometheus to start"
-        )
+        wait_for(lambda: _ready(ready_url) or proc.poll() is not None, timeout=30, what=f"{what} to start")
         if proc.poll() is not None:
-            raise AssertionError(f"prometheus exited: {(tmp / 'prometheus.log').read_text()[-2000:]}")
-        yield server
+            raise AssertionError(f"{what} exited: {log_path.read_text()[-2000:]}")
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -201,6 +187,110 @@ def prometheus_server(tmp: Path, config: str = "global: {}\n") -> Iterator[Prome
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def prometheus_server(tmp: Path, config: str = "global: {}\n") -> Iterator[PrometheusServer]:
+    """A real Prometheus on 127.0.0.1 with the given configuration, stopped on exit."""
+    binary = require_binary("prometheus", "prometheus")
+    (tmp / "prometheus.yml").write_text(config)
+    url = f"http://127.0.0.1:{localpg.free_port()}"
+    argv = [
+        binary,
+        f"--config.file={tmp / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+        f"--web.listen-address={url.removeprefix('http://')}",
+    ]
+    with running(argv, tmp / "prometheus.log", url + "/-/ready", "prometheus") as proc:
+        yield PrometheusServer(url, proc)
+
+
+ALERTMANAGER_CONFIG = Path(__file__).resolve().parent.parent / "rules" / "alertmanager.yml"
+
+
+def quick_alertmanager_config(tmp: Path, webhook_url: str) -> Path:
+    """The shipped rules/alertmanager.yml with one-second grouping and its webhooks sent to `webhook_url`
+    (same last path segment: /page, /notify)."""
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+
+    def quick(route: dict) -> None:
+        route.update(group_wait="1s", group_interval="1s", repeat_interval="1h")
+        for child in route.get("routes", []):
+            quick(child)
+
+    quick(config["route"])
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = webhook_url + "/" + hook["url"].rsplit("/", 1)[1]
+    path = tmp / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def alertmanager_server(tmp: Path, config: Path) -> Iterator[str]:
+    """A real Alertmanager on 127.0.0.1 (no clustering); yields its URL."""
+    binary = require_binary("prometheus-alertmanager", "prometheus-alertmanager")
+    url = f"http://127.0.0.1:{localpg.free_port()}"
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.path={tmp / 'alertmanager-data'}",
+        f"--web.listen-address={url.removeprefix('http://')}",
+        "--cluster.listen-address=",
+    ]
+    with running(argv, tmp / "alertmanager.log", url + "/-/ready", "alertmanager"):
+        yield url
+
+
+@dataclass
+class WebhookRecorder:
+    """What Alertmanager POSTs, by path."""
+
+    url: str = ""
+    posts: list[tuple[str, dict]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def alerts(self, path: str | None = None, status: str | None = None) -> list[dict]:
+        with self.lock:
+            return [
+                a
+                for p, body in self.posts
+                if path in (None, p)
+                for a in body.get("alerts", [])
+                if status in (None, a.get("status"))
+            ]
+
+    def firing(self, path: str | None = None) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for alert in self.alerts(path, "firing"):
+            out.setdefault(alert["labels"]["alertname"], []).append(alert)
+        return out
+
+
+@contextlib.contextmanager
+def webhook_recorder() -> Iterator[WebhookRecorder]:
+    recorder = WebhookRecorder()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            with recorder.lock:
+                recorder.posts.append((self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    recorder.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield recorder
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _ready(url: str) -> bool:

@@ -7,23 +7,23 @@ Alertmanager runs on 127.0.0.1 with a copy of the config whose webhooks point at
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import require_binary, wait_for
+from conftest import (
+    WebhookRecorder,
+    alertmanager_server,
+    quick_alertmanager_config,
+    require_binary,
+    wait_for,
+    webhook_recorder,
+)
 from migexport.config import Thresholds
-from migexport.localpg import free_port
 from migexport.rulegen import CONSIDER, INVESTIGATE, ROLLBACK, WATCH, Alert, alerts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,66 +94,6 @@ def test_unlabelled_alert_goes_to_default_receiver() -> None:
 # Inhibition, against a real Alertmanager.
 
 
-@dataclass
-class Recorder:
-    """A webhook receiver on 127.0.0.1 that records (path, alertnames with migration_id) per POST."""
-
-    server: ThreadingHTTPServer
-    posts: list[tuple[str, dict]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def received(self, path: str) -> set[tuple[str, str]]:
-        with self.lock:
-            return {
-                (a["labels"]["alertname"], a["labels"].get("migration_id", ""))
-                for p, body in self.posts
-                if p == path
-                for a in body.get("alerts", [])
-            }
-
-
-@contextlib.contextmanager
-def webhook_recorder() -> Iterator[Recorder]:
-    recorder: Recorder
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            with recorder.lock:
-                recorder.posts.append((self.path, body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    recorder = Recorder(server)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield recorder
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def fast_copy(tmp: Path, webhook: str) -> Path:
-    """The shipped config with fast grouping and webhooks pointing at the recorder."""
-    config = yaml.safe_load(CONFIG.read_text())
-    config["route"].update(group_wait="1s", group_interval="1s", repeat_interval="1h")
-    for receiver in config["receivers"]:
-        for hook in receiver["webhook_configs"]:
-            hook["url"] = webhook + "/" + hook["url"].rsplit("/", 1)[1]
-    path = tmp / "alertmanager.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 def http_json(url: str, payload: object | None = None) -> object:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -162,45 +102,8 @@ def http_json(url: str, payload: object | None = None) -> object:
     return json.loads(body) if body else None
 
 
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/-/ready", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def alertmanager(tmp: Path, config: Path) -> Iterator[str]:
-    binary = require_binary("prometheus-alertmanager", "prometheus-alertmanager")
-    port = free_port()
-    log_path = tmp / "alertmanager.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: ready(url) or proc.poll() is not None, timeout=10, what="alertmanager to start")
-        if proc.poll() is not None:
-            raise AssertionError(f"alertmanager exited: {log_path.read_text()[-2000:]}")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def received(hooks: WebhookRecorder, path: str) -> set[tuple[str, str]]:
+    return {(a["labels"]["alertname"], a["labels"].get("migration_id", "")) for a in hooks.alerts(path)}
 
 
 def posted(alert: Alert, migration_id: str, target: str) -> dict:
@@ -219,7 +122,10 @@ def test_rollback_inhibits_watch_alerts_of_the_same_migration(tmp_path: Path) ->
     )
     assert (failed.action, lock_wait.action, lag.action) == (ROLLBACK, WATCH, WATCH)
 
-    with webhook_recorder() as hooks, alertmanager(tmp_path, fast_copy(tmp_path, hooks.url)) as am:
+    with (
+        webhook_recorder() as hooks,
+        alertmanager_server(tmp_path, quick_alertmanager_config(tmp_path, hooks.url)) as am,
+    ):
         http_json(
             am + "/api/v2/alerts",
             [posted(failed, "m1", "primary"), posted(lock_wait, "m1", "primary"), posted(lag, "m2", "replica1")],
@@ -242,12 +148,12 @@ def test_rollback_inhibits_watch_alerts_of_the_same_migration(tmp_path: Path) ->
         assert status[(failed.name, "m1")]["state"] == "active", status
 
         wait_for(
-            lambda: (failed.name, "m1") in hooks.received("/page") and (lag.name, "m2") in hooks.received("/notify"),
+            lambda: (failed.name, "m1") in received(hooks, "/page") and (lag.name, "m2") in received(hooks, "/notify"),
             timeout=10,
             what="notifications on /page and /notify",
         )
         # A few more group intervals: the suppressed alert must stay undelivered.
         time.sleep(3)
-        assert hooks.received("/page") == {(failed.name, "m1")}
-        assert hooks.received("/notify") == {(lag.name, "m2")}
-        assert (lock_wait.name, "m1") not in hooks.received("/page") | hooks.received("/notify")
+        assert received(hooks, "/page") == {(failed.name, "m1")}
+        assert received(hooks, "/notify") == {(lag.name, "m2")}
+        assert (lock_wait.name, "m1") not in received(hooks, "/page") | received(hooks, "/notify")

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from conftest import Metrics, monitor_dsn, scrape, value
 from migexport.baseline import BaselineError, write_baseline
 from migexport.config import Migration
 from migexport.dsn import Target
-from migexport.service import Exporter, ServeSettings
+from migexport.service import Exporter
 
 MIGRATION = "m1"
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -114,27 +114,19 @@ def stale(metrics: Metrics) -> float:
 
 
 @pytest.fixture
-def serve(pg, tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
-    """An exporter for the session primary serving `baseline_path`; stopped after the test."""
-    started: list[Exporter] = []
+def serve(pg, tmp_path: Path, start_exporter) -> Callable[..., Exporter]:
+    """An exporter for the session primary serving `baseline_path`."""
 
     def start(baseline_path: Path, max_age_seconds: float = 86400.0) -> Exporter:
-        settings = ServeSettings(
-            targets=[Target("primary", monitor_dsn(pg.primary))],
-            host="127.0.0.1",
-            port=0,
+        return start_exporter(
+            Target("primary", monitor_dsn(pg.primary)),
             migration=Migration(id=MIGRATION),
             state_path=tmp_path / "state.json",
             baseline_path=baseline_path,
             baseline_max_age_seconds=max_age_seconds,
         )
-        exporter = Exporter(settings).start()
-        started.append(exporter)
-        return exporter
 
-    yield start
-    for exporter in started:
-        exporter.stop()
+    return start
 
 
 # -- a valid file -------------------------------------------------------------------------------------------

@@ -8,22 +8,22 @@ behind it, replay paused on the standby while the primary writes, and `migexport
 
 from __future__ import annotations
 
-import contextlib
-import json
 import subprocess
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import monitor_dsn, prometheus_server, require_binary, run_blocking, wait_for
-from migexport import localpg
+from conftest import (
+    WebhookRecorder,
+    alertmanager_server,
+    monitor_dsn,
+    prometheus_server,
+    quick_alertmanager_config,
+    run_blocking,
+    wait_for,
+    webhook_recorder,
+)
 from migexport.baseline import FORMAT, VERSION, write_baseline
 from migexport.config import Migration, Thresholds
 from migexport.dsn import Target
@@ -46,97 +46,6 @@ TEST_THRESHOLDS = Thresholds(
     error_rate_increase_ratio=1e6,
     connections_change_ratio=1e6,
 )
-
-
-@dataclass
-class Webhook:
-    """Records what Alertmanager delivers, by receiver path."""
-
-    port: int = 0
-    received: list[tuple[str, dict]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def firing(self, path: str | None = None) -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {}
-        with self.lock:
-            for p, body in self.received:
-                if path is None or p == path:
-                    for alert in body["alerts"]:
-                        if alert["status"] == "firing":
-                            out.setdefault(alert["labels"]["alertname"], []).append(alert)
-        return out
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with hook.lock:
-                hook.received.append((self.path, body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    hook.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield hook
-    server.shutdown()
-    server.server_close()
-
-
-@contextlib.contextmanager
-def alertmanager(tmp: Path, webhook_port: int) -> Iterator[str]:
-    """The shipped routing, with its receivers pointed at the test's webhook and quick grouping."""
-    binary = require_binary("prometheus-alertmanager", "prometheus-alertmanager")
-    config = yaml.safe_load((ROOT / "rules" / "alertmanager.yml").read_text())
-    for receiver in config["receivers"]:
-        for hook in receiver.get("webhook_configs", []):
-            hook["url"] = f"http://127.0.0.1:{webhook_port}/{receiver['name']}"
-
-    def quick(route: dict) -> None:
-        route.update({"group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"})
-        for child in route.get("routes", []):
-            quick(child)
-
-    quick(config["route"])
-    (tmp / "alertmanager.yml").write_text(yaml.safe_dump(config))
-    port = localpg.free_port()
-    log = open(tmp / "alertmanager.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp / 'alertmanager.yml'}",
-            f"--storage.path={tmp / 'am'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _ok(url + "/-/ready") or proc.poll() is not None, timeout=30, what="alertmanager")
-        assert proc.poll() is None, (tmp / "alertmanager.log").read_text()[-2000:]
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        log.close()
-
-
-def _ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def write_calm_baseline(path: Path) -> None:
@@ -186,7 +95,7 @@ def run_migration(tmp: Path, *command: str) -> int:
     ).returncode
 
 
-def test_rollback_triggers_are_delivered_end_to_end(pg, tmp_path: Path, webhook: Webhook):
+def test_rollback_triggers_are_delivered_end_to_end(pg, tmp_path: Path):
     rules = tmp_path / "rules.yml"
     rules.write_text(render(TEST_THRESHOLDS))
     write_calm_baseline(tmp_path / "baseline.json")
@@ -200,11 +109,14 @@ def test_rollback_triggers_are_delivered_end_to_end(pg, tmp_path: Path, webhook:
     )
     exporter = Exporter(settings).start()
     try:
-        with alertmanager(tmp_path, webhook.port) as am_address:
+        with (
+            webhook_recorder() as webhook,
+            alertmanager_server(tmp_path, quick_alertmanager_config(tmp_path, webhook.url)) as am_url,
+        ):
             prom_config = {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(rules)],
-                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [am_address]}]}]},
+                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [am_url.removeprefix("http://")]}]}]},
                 "scrape_configs": [
                     {
                         "job_name": "migexport",
@@ -234,11 +146,11 @@ def test_rollback_triggers_are_delivered_end_to_end(pg, tmp_path: Path, webhook:
                 # (a) The migration command fails: the immediate rollback trigger pages.
                 assert run_migration(tmp_path, "false") == 1
                 wait_for(
-                    lambda: "MigrationFailed" in webhook.firing("/pager"),
+                    lambda: "MigrationFailed" in webhook.firing("/page"),
                     timeout=30,
                     what="MigrationFailed to be paged",
                 )
-                page = webhook.firing("/pager")["MigrationFailed"][0]
+                page = webhook.firing("/page")["MigrationFailed"][0]
                 assert page["labels"]["severity"] == "critical"
                 assert page["labels"]["action"] == "rollback"
                 assert page["labels"]["migration_id"] == MIGRATION_ID
@@ -247,7 +159,7 @@ def test_rollback_triggers_are_delivered_end_to_end(pg, tmp_path: Path, webhook:
         exporter.stop()
 
 
-def induce_lock_queue_and_expect_pages(pg, webhook: Webhook) -> None:
+def induce_lock_queue_and_expect_pages(pg, webhook: WebhookRecorder) -> None:
     """(b) The migration's session queues behind an open reader; readers queue behind it."""
     with pg.primary.connect() as setup:
         setup.execute("DROP TABLE IF EXISTS e2e_t")
@@ -273,10 +185,11 @@ def induce_lock_queue_and_expect_pages(pg, webhook: Webhook) -> None:
     assert alert["labels"]["action"] == "watch"
     assert alert["labels"]["target"] == "primary"
     assert alert["labels"]["migration_id"] == MIGRATION_ID
-    assert "has blocked 3 sessions" in alert["annotations"]["description"]
+    assert "blocking other sessions" in alert["annotations"]["description"]
+    assert alert["annotations"]["description"].endswith("(now 3).")
 
 
-def induce_paused_replay_and_expect_lag_alert(pg, webhook: Webhook) -> None:
+def induce_paused_replay_and_expect_lag_alert(pg, webhook: WebhookRecorder) -> None:
     """(c) Replay paused on the standby while the primary writes."""
     with pg.primary.connect() as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS e2e_writes (i int)")

@@ -24,30 +24,13 @@ from psycopg import sql
 from conftest import MONITOR_ROLE, Metrics, monitor_dsn, scrape, series, value, wait_for
 from migexport.config import App, Probe
 from migexport.dsn import Target
-from migexport.service import Exporter, ServeSettings
+from migexport.service import Exporter
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
-    """Start an exporter with probes and apps on 127.0.0.1 (ephemeral port); stopped after the test."""
-    started: list[Exporter] = []
-
-    def start(*targets: Target, probes: tuple[Probe, ...] = (), apps: tuple[App, ...] = ()) -> Exporter:
-        settings = ServeSettings(
-            targets=list(targets),
-            host="127.0.0.1",
-            port=0,
-            state_path=tmp_path / "state.json",
-            probes=probes,
-            apps=apps,
-        )
-        exporter = Exporter(settings).start()
-        started.append(exporter)
-        return exporter
-
-    yield start
-    for exporter in started:
-        exporter.stop()
+def serve(tmp_path: Path, start_exporter) -> Callable[..., Exporter]:
+    """An exporter with probes and apps, its state file in the test's directory."""
+    return lambda *targets, **more: start_exporter(*targets, state_path=tmp_path / "state.json", **more)
 
 
 @pytest.fixture

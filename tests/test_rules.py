@@ -31,6 +31,7 @@ USED_BY = {
     "blocking_seconds": {"MigrationBlockingSessions"},
     "connections_change_ratio": {"MigrationConnectionsUnstable"},
     "connections_utilisation_max": {"MigrationConnectionsUnstable"},
+    "connections_floor": {"MigrationConnectionsUnstable"},
     "alert_for_seconds": {
         "MigrationLatencyDegraded",
         "MigrationErrorRateIncreased",

@@ -52,6 +52,9 @@ class Thresholds:
     blocking_seconds: float = 30.0
     # "Connection count stable": further than this fraction from the baseline ...
     connections_change_ratio: float = 0.5
+    # ... where a baseline below this many connections counts as this many (one extra session on a
+    # quiet database is not "unstable") ...
+    connections_floor: float = 10.0
     # ... or above this share of max_connections.
     connections_utilisation_max: float = 0.9
     # Success criteria: "Error rate change < 1%", "Response time change < 10%".
@@ -468,6 +471,7 @@ thresholds:
   lock_wait: 10s                   # lock wait time < threshold
   blocking: 30s                    # the migration blocks other sessions for longer than this
   connections_change_ratio: 0.5    # connection count further than 50 % from the baseline ...
+  connections_floor: 10            # ... a smaller baseline counting as 10 connections ...
   connections_utilisation_max: 0.9 # ... or above 90 % of max_connections
   success_error_rate_change_max: 0.01  # success criteria: error rate change < 1 %
   success_latency_change_max: 0.10     # success criteria: response time change < 10 %

@@ -237,9 +237,9 @@ def alerts(t: Thresholds) -> list[Alert]:
             "warning",
             WATCH,
             "The migration's session blocks other sessions.",
-            "{{ $labels.target }}: the migration's session has blocked {{ $value }} sessions for more than "
+            "{{ $labels.target }}: the migration's session has been blocking other sessions for more than "
             + duration(t.blocking_seconds)
-            + ".",
+            + " (now {{ $value }}).",
             f"`migexport_migration_blocked_sessions > 0` for {duration(t.blocking_seconds)}",
             "Lock wait time < threshold (the migration as the blocker)",
         ),
@@ -260,25 +260,32 @@ def alerts(t: Thresholds) -> list[Alert]:
         ),
         Alert(
             "MigrationConnectionsUnstable",
+            # Two reasons, told apart by a label: the description reads differently for each.
             armed_same_migration(
-                f"abs(migexport:connections:sum - on({JOIN}, target) group_left(migration_id) "
+                "label_replace(\n"
+                f"  abs(migexport:connections:sum - on({JOIN}, target) group_left(migration_id) "
                 "migexport_baseline_connections)\n"
-                f"  / on({JOIN}, target) group_left(migration_id) clamp_min(migexport_baseline_connections, 1)\n"
-                f"  > {fmt(t.connections_change_ratio)}"
+                f"  / on({JOIN}, target) group_left(migration_id)\n"
+                f"  clamp_min(migexport_baseline_connections, {fmt(t.connections_floor)})\n"
+                f"  > {fmt(t.connections_change_ratio)},\n"
+                '  "reason", "baseline", "", "")'
             )
             + "\nor\n"
             + armed(
-                f"migexport:connections:sum / on({JOIN}, target) migexport_connections_max"
-                f" > {fmt(t.connections_utilisation_max)}"
+                "label_replace(\n"
+                f"  migexport:connections:sum / on({JOIN}, target) migexport_connections_max"
+                f" > {fmt(t.connections_utilisation_max)},\n"
+                '  "reason", "limit", "", "")'
             ),
             t.alert_for_seconds,
             "warning",
             WATCH,
             "The connection count is far from its baseline or close to the limit.",
-            "{{ $labels.target }}: connections are off by {{ $value | humanizePercentage }} (relative to the "
-            "baseline or to max_connections).",
-            f"connections off the baseline by > {t.connections_change_ratio:.0%}, or > "
-            f"{t.connections_utilisation_max:.0%} of max_connections",
+            '{{ $labels.target }}: {{ if eq $labels.reason "limit" }}connections are at '
+            "{{ $value | humanizePercentage }} of max_connections"
+            "{{ else }}connections are {{ $value | humanizePercentage }} away from the baseline{{ end }}.",
+            f"connections off the baseline (at least {fmt(t.connections_floor)}) by > "
+            f"{t.connections_change_ratio:.0%}, or > {t.connections_utilisation_max:.0%} of max_connections",
             "Connection count stable",
         ),
         Alert(
@@ -296,8 +303,11 @@ def alerts(t: Thresholds) -> list[Alert]:
         ),
         Alert(
             "MigrationExporterDown",
-            armed("migexport_up == 0") + "\nor\n" + f"(up == 0) * on({JOIN}) group_left(migration_id) "
-            "(last_over_time(migexport_migration_watch_active[1h]) == 1)",
+            armed("migexport_up == 0")
+            + "\nor\n"
+            # Prometheus cannot scrape the exporter at all: armed by the exporter's last known window. Written
+            # as `and`, not a group_left join, since two migrations in one hour give two series to match.
+            + f"(last_over_time(migexport_migration_watch_active[1h]) == 1) and on({JOIN}) (up == 0)",
             t.critical_for_seconds,
             "critical",
             INVESTIGATE,
