@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import monitor_dsn, prometheus_server
-from migexport.baseline import read_baseline
+from migexport.baseline_file import read_baseline
 from migexport.localpg import free_port
 from test_cli import run_cli
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import Metrics, monitor_dsn, scrape, value
-from migexport.baseline import BaselineError, write_baseline
+from migexport.baseline_file import BaselineError, write_baseline
 from migexport.config import Migration
 from migexport.dsn import Target
 from migexport.service import Exporter

@@ -24,7 +24,7 @@ from conftest import (
     wait_for,
     webhook_recorder,
 )
-from migexport.baseline import FORMAT, VERSION, write_baseline
+from migexport.baseline_file import FORMAT, VERSION, write_baseline
 from migexport.config import Migration, Thresholds
 from migexport.dsn import Target
 from migexport.rulegen import render

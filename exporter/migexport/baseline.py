@@ -9,8 +9,7 @@ sampler reuses the exporter's collectors (same SQL, same session safety) on one 
 target, runs the probes on that same connection, and subtracts its own transactions from the commit
 and rollback deltas (exactly on PostgreSQL 15+, where it can force its statistics to be flushed).
 
-The baseline file is JSON with a format name and version, written atomically, never overwritten
-without --force. `BaselineCollector` turns it into the frozen `migexport_baseline_*` gauges.
+The document is written by `baseline_file.write_baseline` and served by `baseline_gauges`.
 """
 
 from __future__ import annotations
@@ -24,23 +23,20 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from migexport.baseline_file import FORMAT, VERSION, BaselineError
 from migexport.collectors import connections, replication, size, statements, transactions
 from migexport.collectors.base import MARKER, Context, ServerInfo
 from migexport.config import Config, Probe
 from migexport.metrics import MetricSpec, Sample
 from migexport.probes import run_probe
-from migexport.state import write_atomic
 from migexport.targets import SERVER_SQL, SessionSettings, connect
 
 log = logging.getLogger(__name__)
 
-FORMAT = "migexport-baseline"
-VERSION = 1
 
 # PostgreSQL 15+. A backend flushes its transaction counts only along with other pending statistics,
 # so the statement also reads a catalog row: without it our commits surface seconds later, at random.
@@ -48,10 +44,6 @@ FLUSH_SQL = "SELECT pg_stat_force_next_flush() FROM (SELECT 1 FROM pg_catalog.pg
 ROWS_SQL = """
 SELECT c.reltuples::float8 FROM pg_class c WHERE c.oid = to_regclass(%s)
 """  # to_regclass() takes no lock on the table; reltuples is the planner's estimate
-
-
-class BaselineError(ValueError):
-    """A baseline file cannot be used; one printable line."""
 
 
 def values_of(samples: list[Sample], spec: MetricSpec) -> dict[tuple[str, ...], float]:
@@ -342,103 +334,6 @@ def query_prometheus(base_url: str, query: str, timeout: float = 10.0) -> float:
     return float(result[0]["value"][1])
 
 
-# -- the file ---------------------------------------------------------------------------------------
-
-
-def write_baseline(path: Path, doc: dict[str, Any], force: bool) -> None:
-    if path.exists() and not force:
-        raise BaselineError(f"{path} exists; use --force to replace it")
-    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def _number(raw: Any, where: str, optional: bool = True) -> float | None:
-    if raw is None and optional:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw) or raw < 0:
-        raise BaselineError(f"{where}: expected a non-negative number, got {raw!r}")
-    return float(raw)
-
-
-def _object(raw: Any, where: str) -> list[tuple[str, Any]]:
-    """The items of an optional JSON object (absent or null: none)."""
-    if raw is None:
-        return []
-    if not isinstance(raw, dict):
-        raise BaselineError(f"{where}: expected an object, got {type(raw).__name__}")
-    return list(raw.items())
-
-
-@dataclass(frozen=True)
-class Baseline:
-    migration_id: str
-    captured_at: float
-    window_seconds: float
-    targets: dict[str, dict[str, Any]]
-    probes: dict[str, dict[str, Any]]
-    slis: dict[str, float | None]
-    missing: tuple[str, ...]
-
-
-def read_baseline(path: Path) -> Baseline:
-    """Load and check a baseline file; every problem is one line naming the file and the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BaselineError(f"{path}: no such baseline file (run 'migexport baseline')") from None
-    except OSError as exc:
-        raise BaselineError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BaselineError(f"{path}: not valid JSON (truncated or edited?) at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BaselineError(f"{path}: not a migexport baseline file (format field missing)")
-    if raw.get("version") != VERSION:
-        raise BaselineError(f"{path}: baseline version {raw.get('version')!r} is not supported (expected {VERSION})")
-    for key in ("migration_id", "captured_at", "window_seconds", "targets", "probes"):
-        if key not in raw:
-            raise BaselineError(f"{path}: field {key!r} is missing")
-    where = str(path)
-    captured = _number(raw["captured_at"], f"{where}: captured_at", optional=False)
-    window = _number(raw["window_seconds"], f"{where}: window_seconds", optional=False)
-    if not isinstance(raw["targets"], dict) or not isinstance(raw["probes"], dict):
-        raise BaselineError(f"{path}: targets and probes must be objects")
-    for name, t in raw["targets"].items():
-        if not isinstance(t, dict):
-            raise BaselineError(f"{path}: targets.{name} must be an object")
-        for key in (
-            "tps",
-            "error_ratio",
-            "statement_latency_seconds",
-            "connections",
-            "connection_utilisation",
-            "database_size_bytes",
-        ):
-            _number(t.get(key), f"{where}: targets.{name}.{key}")
-        for standby, lag in _object(
-            t.get("replication_lag_seconds"), f"{where}: targets.{name}.replication_lag_seconds"
-        ):
-            _object(lag, f"{where}: targets.{name}.replication_lag_seconds.{standby}")
-            _number(lag.get("max"), f"{where}: targets.{name}.replication_lag_seconds.{standby}.max")
-        for table, rows in _object(t.get("table_rows_estimate"), f"{where}: targets.{name}.table_rows_estimate"):
-            _number(rows, f"{where}: targets.{name}.table_rows_estimate.{table}")
-    for name, p in raw["probes"].items():
-        if not isinstance(p, dict):
-            raise BaselineError(f"{path}: probes.{name} must be an object")
-        for key in ("p50_seconds", "p95_seconds", "success_ratio"):
-            _number(p.get(key), f"{where}: probes.{name}.{key}")
-    slis = dict(_object(raw.get("slis"), f"{where}: slis"))
-    return Baseline(
-        migration_id=str(raw["migration_id"]),
-        captured_at=captured,  # type: ignore[arg-type]
-        window_seconds=window,  # type: ignore[arg-type]
-        targets=raw["targets"],
-        probes=raw["probes"],
-        slis={k: _number(v, f"{where}: slis.{k}") for k, v in slis.items()},
-        missing=tuple(str(m) for m in raw.get("missing", [])),
-    )
-
-
 def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """What the command prints after capturing: (what, value) pairs."""
 
@@ -472,175 +367,3 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     for key, v in doc.get("slis", {}).items():
         rows.append((f"sli {key}", fmt(v)))
     return rows
-
-
-# -- the frozen gauges ------------------------------------------------------------------------------
-
-
-def _bspec(name: str, help_text: str, *labels: str) -> MetricSpec:
-    return MetricSpec(name, help_text, labels=(*labels, "migration_id"), per_target=False)
-
-
-B_LOADED = _bspec(
-    "migexport_baseline_loaded", "1 if a valid baseline file is loaded, 0 if it is missing or malformed (see the log)."
-)
-B_STALE = _bspec("migexport_baseline_stale", "1 if the loaded baseline is older than thresholds.baseline_max_age.")
-B_CAPTURED = _bspec("migexport_baseline_captured_timestamp_seconds", "When the baseline window ended (Unix time).")
-B_WINDOW = _bspec("migexport_baseline_window_seconds", "Length of the baseline's sampling window.")
-B_TPS = _bspec("migexport_baseline_tps", "Transactions per second during the baseline window.", "target")
-B_ERROR = _bspec(
-    "migexport_baseline_error_ratio", "Rolled-back share of transactions during the baseline window.", "target"
-)
-B_LATENCY = _bspec(
-    "migexport_baseline_statement_latency_seconds",
-    "Mean statement latency (pg_stat_statements deltas) during the baseline window.",
-    "target",
-)
-B_CONNECTIONS = _bspec(
-    "migexport_baseline_connections", "Mean number of client connections during the baseline window.", "target"
-)
-B_UTILISATION = _bspec(
-    "migexport_baseline_connection_utilisation",
-    "Mean connections / usable max_connections during the baseline window.",
-    "target",
-)
-B_LAG = _bspec(
-    "migexport_baseline_replication_lag_seconds",
-    "Highest replication lag of the standby seen from the primary during the baseline window.",
-    "target",
-    "standby",
-)
-B_SIZE = _bspec("migexport_baseline_database_size_bytes", "Database size at the baseline.", "target")
-B_ROWS = _bspec(
-    "migexport_baseline_table_rows_estimate",
-    "Planner row estimate (pg_class.reltuples) of an affected table at the baseline.",
-    "target",
-    "table",
-)
-B_PROBE_LATENCY = _bspec(
-    "migexport_baseline_probe_latency_seconds",
-    "Probe latency quantile (0.5, 0.95) over the baseline window's successful runs.",
-    "target",
-    "probe",
-    "quantile",
-)
-B_PROBE_SUCCESS = _bspec(
-    "migexport_baseline_probe_success_ratio",
-    "Share of the probe's runs that succeeded during the baseline window.",
-    "target",
-    "probe",
-)
-B_SLI = _bspec("migexport_baseline_app_sli", "Application SLI (from Prometheus) at the baseline.", "sli")
-
-BASELINE_SPECS = (
-    B_LOADED,
-    B_STALE,
-    B_CAPTURED,
-    B_WINDOW,
-    B_TPS,
-    B_ERROR,
-    B_LATENCY,
-    B_CONNECTIONS,
-    B_UTILISATION,
-    B_LAG,
-    B_SIZE,
-    B_ROWS,
-    B_PROBE_LATENCY,
-    B_PROBE_SUCCESS,
-    B_SLI,
-)
-
-
-class BaselineSource:
-    """Exports a baseline file as gauges; re-reads it when it changes, never crashes on it."""
-
-    specs = BASELINE_SPECS
-
-    def __init__(self, path: Path, migration_id: str, max_age_seconds: float) -> None:
-        self.path = path
-        self.migration_id = migration_id
-        self.max_age_seconds = max_age_seconds
-        self._stamp: tuple[float, int] | None = None
-        self._baseline: Baseline | None = None
-        self._values: list[Sample] = []
-        self._error: str | None = None
-        self._reported: str | None = None
-
-    def _load(self) -> None:
-        try:
-            st = self.path.stat()
-            stamp = (st.st_mtime, st.st_size)
-        except OSError:
-            stamp = None
-        if stamp is not None and stamp == self._stamp:
-            return
-        self._stamp = stamp
-        try:
-            baseline = read_baseline(self.path)
-            # Built here, not per scrape: read_baseline() does not check every field (database_size_bytes,
-            # table_rows_estimate, slis), and a value that is no number must not fail every scrape.
-            values = self._values_of(baseline)
-            self._baseline, self._values, self._error = baseline, values, None
-        except (ValueError, TypeError, AttributeError) as exc:  # BaselineError is a ValueError
-            error = str(exc) if isinstance(exc, BaselineError) else f"{self.path}: malformed baseline: {exc}"
-            self._baseline, self._values, self._error = None, [], error
-        if self._baseline is not None and self._baseline.migration_id != self.migration_id:
-            log.warning(
-                "baseline %s was captured for migration %r, this is %r: using it anyway",
-                self.path,
-                self._baseline.migration_id,
-                self.migration_id,
-            )
-
-    def samples(self) -> list[Sample]:
-        self._load()
-        m = {"migration_id": self.migration_id}
-        b = self._baseline
-        if b is None:
-            self._report(f"baseline not loaded: {self._error}")
-            return [B_LOADED.sample(0, **m), B_STALE.sample(0, **m)]
-        stale = time.time() - b.captured_at > self.max_age_seconds
-        self._report(f"baseline {self.path} is stale (older than {self.max_age_seconds:g}s)" if stale else None)
-        return [
-            B_LOADED.sample(1, **m),
-            B_STALE.sample(int(stale), **m),
-            B_CAPTURED.sample(b.captured_at, **m),
-            B_WINDOW.sample(b.window_seconds, **m),
-            *self._values,
-        ]
-
-    def _values_of(self, b: Baseline) -> list[Sample]:
-        m = {"migration_id": self.migration_id}
-        out: list[Sample] = []
-
-        def add(spec: MetricSpec, v: Any, **labels: str) -> None:
-            if v is not None:  # not captured: absent, so no alert compares against nothing
-                out.append(spec.sample(v, **labels, **m))
-
-        for target, t in b.targets.items():
-            add(B_TPS, t.get("tps"), target=target)
-            add(B_ERROR, t.get("error_ratio"), target=target)
-            add(B_LATENCY, t.get("statement_latency_seconds"), target=target)
-            add(B_CONNECTIONS, t.get("connections"), target=target)
-            add(B_UTILISATION, t.get("connection_utilisation"), target=target)
-            add(B_SIZE, t.get("database_size_bytes"), target=target)
-            for standby, lag in (t.get("replication_lag_seconds") or {}).items():
-                add(B_LAG, lag.get("max"), target=target, standby=standby)
-            for table, rows in (t.get("table_rows_estimate") or {}).items():
-                add(B_ROWS, rows, target=target, table=table)
-        for probe, p in b.probes.items():
-            target = str(p.get("target", ""))
-            add(B_PROBE_LATENCY, p.get("p50_seconds"), target=target, probe=probe, quantile="0.5")
-            add(B_PROBE_LATENCY, p.get("p95_seconds"), target=target, probe=probe, quantile="0.95")
-            add(B_PROBE_SUCCESS, p.get("success_ratio"), target=target, probe=probe)
-        for sli, v in b.slis.items():
-            add(B_SLI, v, sli=sli)
-        return out
-
-    def _report(self, problem: str | None) -> None:
-        if problem != self._reported:
-            if problem:
-                log.warning("%s", problem)
-            elif self._reported:
-                log.info("baseline %s loaded", self.path)
-        self._reported = problem

@@ -17,8 +17,9 @@ from pathlib import Path
 import click
 
 from migexport import __version__
-from migexport.baseline import BaselineError, read_baseline, summary_rows, write_baseline
 from migexport.baseline import capture as capture_baseline
+from migexport.baseline import summary_rows
+from migexport.baseline_file import BaselineError, read_baseline, write_baseline
 from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, Thresholds, load_config
 from migexport.dsn import TargetError, parse_targets, redact
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, render

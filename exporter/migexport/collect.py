@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as PromCollector
 
 from migexport import __version__
-from migexport.baseline import BASELINE_SPECS
+from migexport.baseline_gauges import BASELINE_SPECS
 from migexport.collectors import COLLECTOR_CLASSES, default_collectors
 from migexport.collectors.base import Collector
 from migexport.collectors.migration import MigrationSessionCollector, MigrationStateSource

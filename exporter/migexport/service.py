@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from migexport.baseline import BaselineSource
+from migexport.baseline_gauges import BaselineSource
 from migexport.collect import MigexportCollector, Source
 from migexport.collectors import default_collectors
 from migexport.collectors.base import Collector
