@@ -146,6 +146,16 @@ def serve(
     exporter.stop()
 
 
+def _write_new(path: Path, text: str, force: bool) -> None:
+    """Write a file the user asked for, atomically; never replace one without --force."""
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; use --force to replace it")
+    try:
+        write_atomic(path, text)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+
+
 def _ms(name: str, text: str | None, default: int) -> int:
     return default if text is None else round(_duration(name, text) * 1000)
 
@@ -156,12 +166,7 @@ def _ms(name: str, text: str | None, default: int) -> int:
 def init(path: str, force: bool) -> None:
     """Write an annotated example config file (default: migexport.yml)."""
     target = Path(path)
-    if target.exists() and not force:
-        raise UserError(f"{target} exists; use --force to replace it")
-    try:
-        write_atomic(target, EXAMPLE_CONFIG)
-    except OSError as exc:
-        raise UserError(f"cannot write {target}: {exc.strerror}") from None
+    _write_new(target, EXAMPLE_CONFIG, force)
     click.echo(f"wrote {target}: edit its targets and migration, then run 'migexport baseline -c {target}'")
 
 
@@ -230,13 +235,7 @@ def rules(config_path: str | None, output_format: str, runbook_base_url: str, ou
     if output is None:
         click.echo(text, nl=False)
         return
-    out = Path(output)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; use --force to replace it")
-    try:
-        write_atomic(out, text)
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror}") from None
+    _write_new(Path(output), text, force)
 
 
 @cli.command("show-baseline")
