@@ -140,11 +140,6 @@ def run_blocking(cluster: localpg.LocalCluster, sql: str, app: str = "test-clien
     return Blocked(conn, thread, errors)
 
 
-def lock_waiters(cluster: localpg.LocalCluster) -> int:
-    with cluster.connect() as conn:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]
-
-
 def require_binary(name: str, package: str) -> str:
     """The path of a tool the tests need; fail (never skip) with how to install it."""
     path = shutil.which(name)
@@ -299,3 +294,45 @@ def _ready(url: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+@dataclass
+class DdlQueue:
+    root_pid: int
+    alter: Blocked
+    readers: list[Blocked]
+
+
+@contextlib.contextmanager
+def ddl_lock_queue(cluster: localpg.LocalCluster, table: str, alter_app: str, readers: int = 3) -> Iterator[DdlQueue]:
+    """The migration hazard, for real: an open transaction that read `table`, an ALTER TABLE (from
+    application_name `alter_app`) waiting for ACCESS EXCLUSIVE behind it, and `readers` readers queued
+    behind the ALTER. Released (the root rolls back, everyone finishes) on exit."""
+    with cluster.connect() as setup:
+        setup.execute(f"DROP TABLE IF EXISTS {table}")
+        setup.execute(f"CREATE TABLE {table} (id int)")
+        setup.execute(f"INSERT INTO {table} SELECT generate_series(1, 100)")
+
+    def waiting() -> int:
+        with cluster.connect() as conn:
+            return conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (f"%{table}%",),
+            ).fetchone()[0]
+
+    root = cluster.connect(application_name="test-old-reader")
+    root.execute("BEGIN")
+    root.execute(f"SELECT count(*) FROM {table}")
+    blocked = [run_blocking(cluster, f"ALTER TABLE {table} ADD COLUMN extra int", app=alter_app)]
+    try:
+        wait_for(lambda: waiting() == 1, what="ALTER TABLE to wait")
+        blocked += [run_blocking(cluster, f"SELECT count(*) FROM {table}", app="test-app") for _ in range(readers)]
+        wait_for(lambda: waiting() == 1 + readers, what="the readers to queue behind the ALTER")
+        yield DdlQueue(root.info.backend_pid, blocked[0], blocked[1:])
+    finally:
+        root.execute("ROLLBACK")
+        root.close()
+        for b in blocked:
+            b.thread.join(timeout=10)
+            b.conn.close()
+    assert not any(b.error for b in blocked), [b.error for b in blocked]

@@ -17,10 +17,10 @@ import yaml
 from conftest import (
     WebhookRecorder,
     alertmanager_server,
+    ddl_lock_queue,
     monitor_dsn,
     prometheus_server,
     quick_alertmanager_config,
-    run_blocking,
     wait_for,
     webhook_recorder,
 )
@@ -161,26 +161,12 @@ def test_rollback_triggers_are_delivered_end_to_end(pg, tmp_path: Path):
 
 def induce_lock_queue_and_expect_pages(pg, webhook: WebhookRecorder) -> None:
     """(b) The migration's session queues behind an open reader; readers queue behind it."""
-    with pg.primary.connect() as setup:
-        setup.execute("DROP TABLE IF EXISTS e2e_t")
-        setup.execute("CREATE TABLE e2e_t (id int)")
-    reader = pg.primary.connect(application_name="e2e-old-reader")
-    reader.execute("BEGIN")
-    reader.execute("SELECT * FROM e2e_t")
-    blocked = [run_blocking(pg.primary, "ALTER TABLE e2e_t ADD COLUMN status text", app="migration")]
-    try:
-        blocked += [run_blocking(pg.primary, "SELECT count(*) FROM e2e_t", app="e2e-app") for _ in range(3)]
+    with ddl_lock_queue(pg.primary, "e2e_t", alter_app="migration"):
         wait_for(
             lambda: {"MigrationBlockingSessions", "MigrationLockWaitHigh"} <= set(webhook.firing("/notify")),
             timeout=40,
             what="the lock alerts to be delivered",
         )
-    finally:
-        reader.execute("ROLLBACK")
-        reader.close()
-        for b in blocked:
-            b.thread.join(timeout=10)
-            b.conn.close()
     alert = webhook.firing("/notify")["MigrationBlockingSessions"][0]
     assert alert["labels"]["action"] == "watch"
     assert alert["labels"]["target"] == "primary"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from conftest import Blocked, monitor_dsn, run_blocking, scrape, series, value, wait_for
+from conftest import DdlQueue, ddl_lock_queue, monitor_dsn, scrape, series, value
 from migexport.dsn import Target
 
 # The checklist's lock query: it joins on transactionid and so misses relation-lock queues.
@@ -22,43 +21,11 @@ WHERE NOT blocked_locks.granted
 """
 
 
-@dataclass
-class DdlQueue:
-    root_pid: int
-    alter: Blocked
-    readers: list[Blocked]
-
-
 @pytest.fixture
 def ddl_queue(pg) -> Iterator[DdlQueue]:
     """Open transaction reading lock_t; ALTER TABLE waiting behind it; 3 readers queued behind the ALTER."""
-    with pg.primary.connect() as setup:
-        setup.execute("DROP TABLE IF EXISTS lock_t")
-        setup.execute("CREATE TABLE lock_t (id int)")
-        setup.execute("INSERT INTO lock_t SELECT generate_series(1, 100)")
-    root = pg.primary.connect(application_name="test-old-reader")
-    root.execute("BEGIN")
-    root.execute("SELECT count(*) FROM lock_t")
-    alter = run_blocking(pg.primary, "ALTER TABLE lock_t ADD COLUMN extra int", app="test-migration")
-    wait_for(lambda: _waiting(pg) == 1, what="ALTER TABLE to wait")
-    readers = [run_blocking(pg.primary, "SELECT count(*) FROM lock_t", app="test-app") for _ in range(3)]
-    wait_for(lambda: _waiting(pg) == 4, what="3 readers to queue behind the ALTER")
-    try:
-        yield DdlQueue(root.info.backend_pid, alter, readers)
-    finally:
-        root.execute("ROLLBACK")
-        root.close()
-        for blocked in [alter, *readers]:
-            blocked.thread.join(timeout=10)
-            blocked.conn.close()
-        assert not alter.error and not any(r.error for r in readers)
-
-
-def _waiting(pg) -> int:
-    with pg.primary.connect() as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%lock_t%'"
-        ).fetchone()[0]
+    with ddl_lock_queue(pg.primary, "lock_t", alter_app="test-migration") as queue:
+        yield queue
 
 
 def test_ddl_lock_queue_is_seen_whole(pg, ddl_queue, start_exporter):

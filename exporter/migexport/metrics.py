@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -59,19 +59,6 @@ def as_float(value: float | int | None) -> float:
 def clip_label(value: object) -> str:
     text = "" if value is None else str(value)
     return text if len(text) <= MAX_LABEL_VALUE_LEN else text[: MAX_LABEL_VALUE_LEN - 1] + "…"
-
-
-@dataclass
-class SampleSet:
-    """Samples of one target; every sample gets the `target` label prepended at exposition."""
-
-    samples: list[Sample] = field(default_factory=list)
-
-    def add(self, spec: MetricSpec, value: float | int | None, **labels: str) -> None:
-        self.samples.append(spec.sample(value, **labels))
-
-    def extend(self, samples: Iterable[Sample]) -> None:
-        self.samples.extend(samples)
 
 
 def families(
