@@ -66,6 +66,16 @@ class Thresholds:
     critical_for_seconds: float = 60.0
     # How old a baseline may be before it is reported stale.
     baseline_max_age_seconds: float = 86400.0
+    # The window every live rate and quantile is taken over (PromQL range). 5m suits a 30-minute
+    # migration: long enough for a stable value, short enough to see a change within minutes.
+    rate_window_seconds: float = 300.0
+    # A relative trigger fires only when the change is this many standard deviations beyond the noise
+    # of the window's volume (a two-proportion z-test for errors, a z-test of means for latency).
+    significance_sigmas: float = 3.0
+    # ... and only with at least this many transactions / statement calls / probe runs in the window.
+    error_min_transactions: float = 200.0
+    latency_min_calls: float = 200.0
+    probe_min_runs: float = 10.0
 
 
 DURATION_FIELDS = {
@@ -77,6 +87,7 @@ DURATION_FIELDS = {
     "alert_for_seconds",
     "critical_for_seconds",
     "baseline_max_age_seconds",
+    "rate_window_seconds",
 }
 
 
@@ -90,6 +101,13 @@ class Migration:
     session_application_name: str = "migration"  # how to recognise the migration's database session
     log_file: str = "migration.log"
     state_file: str = "migexport-state.json"
+    # The database role the migration runs as (recommended: one of its own). Its statements stay out
+    # of the application's latency sums, and `run` recognises its sessions by it as well.
+    role: str = ""
+    # How `run` reaches the server to cancel the migration's statements at its time limit or on a
+    # signal: a DSN source (libpq string, env:VAR, file:PATH). Empty: the libpq environment (PG*
+    # variables) the migration command itself gets.
+    control_dsn: str = ""
 
 
 @dataclass(frozen=True)
@@ -271,6 +289,11 @@ def _thresholds(r: _Reader, raw: Any) -> Thresholds:
     for ratio in ("latency_degradation_ratio", "error_rate_increase_ratio"):
         if ratio in entry and values[ratio] < 1:
             r.problem(f"thresholds.{ratio}", f"must be >= 1 (a factor over the baseline), got {entry[ratio]!r}")
+    for count in ("error_min_transactions", "latency_min_calls", "probe_min_runs"):
+        if count in entry and values[count] < 1:
+            r.problem(f"thresholds.{count}", f"must be at least 1, got {entry[count]!r}")
+    if "significance_sigmas" in entry and values["significance_sigmas"] <= 0:
+        r.problem("thresholds.significance_sigmas", f"must be greater than 0, got {entry['significance_sigmas']!r}")
     for share in ("connections_utilisation_max", "error_ratio_floor"):
         if share in entry and values[share] > 1:
             r.problem(f"thresholds.{share}", f"must be a fraction between 0 and 1, got {entry[share]!r}")
@@ -287,6 +310,8 @@ def _migration(r: _Reader, raw: Any, target_names: list[str]) -> Migration:
         "session_application_name",
         "log_file",
         "state_file",
+        "role",
+        "control_dsn",
     }
     entry = r.mapping(raw, "migration", keys)
     d = Migration()
@@ -311,6 +336,8 @@ def _migration(r: _Reader, raw: Any, target_names: list[str]) -> Migration:
         ),
         log_file=r.string(entry.get("log_file"), "migration.log_file", d.log_file),
         state_file=r.string(entry.get("state_file"), "migration.state_file", d.state_file),
+        role=r.string(entry.get("role"), "migration.role", d.role),
+        control_dsn=r.string(entry.get("control_dsn"), "migration.control_dsn", d.control_dsn),
     )
 
 
@@ -457,6 +484,10 @@ migration:
   time_budget: 30m                 # "timeout 30m": killed after this, alerts after it
   watch_window: 1h                 # alerts stay armed this long after the end ("first hour")
   session_application_name: migration   # set PGAPPNAME=migration for the migration's connection
+  role: ""                         # the migration's own database role (recommended): its statements
+                                   # stay out of the application's latency sums
+  control_dsn: ""                  # how 'run' cancels the migration's statements at its time limit;
+                                   # empty: the migration's own libpq environment (PG* variables)
   log_file: migration.log
   state_file: migexport-state.json # shared by 'migexport run' and 'migexport serve'
 
@@ -478,6 +509,11 @@ thresholds:
   alert_for: 2m                    # how long a condition must hold before a warning fires
   critical_for: 1m                 # ... and before an immediate-rollback page fires
   baseline_max_age: 24h            # an older baseline is reported stale
+  rate_window: 5m                  # every live rate and quantile is taken over this window
+  significance_sigmas: 3           # error/latency triggers need a change beyond this many sigmas of noise ...
+  error_min_transactions: 200      # ... and at least this many transactions in the window,
+  latency_min_calls: 200           # ... statement calls,
+  probe_min_runs: 10               # ... or probe runs
 
 # Key business queries, run read-only with their own timeout ("key business queries performing well").
 probes:
