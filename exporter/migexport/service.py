@@ -95,7 +95,7 @@ class Exporter:
         self.server: MetricsServer | None = None
 
     def _collectors_for(self, target: Target) -> list[Collector]:
-        collectors = default_collectors()
+        collectors = default_collectors(excluded_roles=(self.settings.migration.role,))
         if target.name == self.settings.migration_target():
             migration = self.settings.migration
             # After the locks collector, whose wait graph it reuses.

@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from migexport.collectors.base import MARKER, Collector, Context, ServerInfo
 from migexport.dsn import Target, password_of, redact
 from migexport.metrics import Sample
+from migexport.own import OwnTransactions, SessionLedger
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class TargetWorker:
         self._lock = threading.Lock()
         self._inflight: Future[Snapshot] | None = None
         self._conn: psycopg.Connection | None = None
+        # Our own transactions on this target, scrapes and probes, kept out of the exported counters.
+        self.own = OwnTransactions()
+        self._ledger: SessionLedger | None = None  # of self._conn
         self._secret = password_of(target.dsn) or ""
         self._was_up: bool | None = None
         self._collector_was_ok: dict[str, bool] = {}
@@ -145,7 +149,11 @@ class TargetWorker:
         snap = Snapshot(self.name, up=False, duration_seconds=0.0)
         try:
             conn = self._connection()
-            ctx = Context(self.name, conn, self._server_info(conn))
+            server = self._server_info(conn)
+            if self._ledger is None:
+                self._ledger = SessionLedger(self.own, server.version_num)
+            self._ledger.record(ok=True)  # the server-info statement
+            ctx = Context(self.name, conn, server, self._ledger)
             self.queries_total += 1
         except psycopg.Error as exc:
             self._drop_connection()
@@ -194,6 +202,7 @@ class TargetWorker:
         self._drop_connection()
         self.connects_total += 1
         self._conn = connect(self.target, self.session)
+        self._ledger = None  # a new session: its own count, starting with its connection's commit
         return self._conn
 
     def _server_info(self, conn: psycopg.Connection) -> ServerInfo:

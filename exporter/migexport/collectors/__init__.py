@@ -17,11 +17,11 @@ COLLECTOR_CLASSES: tuple[type[Collector], ...] = (
     PrimaryReplicationCollector,
     StandbyReplicationCollector,
     SizeCollector,
-    # Last, so that every other statement of the first scrape already carries the marker it filters.
     StatementsCollector,
 )
 
 
-def default_collectors() -> list[Collector]:
-    """Fresh instances for one target (collectors keep per-target state)."""
-    return [cls() for cls in COLLECTOR_CLASSES]
+def default_collectors(excluded_roles: tuple[str, ...] = ()) -> list[Collector]:
+    """Fresh instances for one target (collectors keep per-target state). The statements of
+    `excluded_roles` (the migration's) stay out of the latency sums, like the exporter's own."""
+    return [StatementsCollector(excluded_roles) if cls is StatementsCollector else cls() for cls in COLLECTOR_CLASSES]

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import psycopg
 
 from migexport.metrics import MetricSpec, Sample
+from migexport.own import OwnTransactions, SessionLedger
 
 # Every statement the exporter sends starts with this comment. It makes our sessions easy to spot
 # in pg_stat_activity and lets the statements collector leave our own queries out of the latency sums.
@@ -27,10 +28,15 @@ class ServerInfo:
 class Context:
     """One collection pass over one target: its connection and what we learned about the server."""
 
-    def __init__(self, target: str, conn: psycopg.Connection, server: ServerInfo) -> None:
+    def __init__(
+        self, target: str, conn: psycopg.Connection, server: ServerInfo, ledger: SessionLedger | None = None
+    ) -> None:
         self.target = target
         self.conn = conn
         self.server = server
+        # The connection's count of our own transactions; None where the caller subtracts them itself
+        # (the baseline sampler).
+        self.ledger = ledger
         self.queries = 0
         # Set by the locks collector, reused by collectors that need the same wait graph.
         self.lock_graph: Any = None
@@ -38,9 +44,27 @@ class Context:
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple]:
         self.queries += 1
-        with self.conn.cursor() as cur:
-            cur.execute(MARKER + sql, params)  # type: ignore[arg-type]
-            return cur.fetchall()
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(MARKER + sql, params)  # type: ignore[arg-type]
+                rows = cur.fetchall()
+        except psycopg.Error:
+            if self.ledger is not None:
+                self.ledger.record(ok=False)
+            raise
+        if self.ledger is not None:
+            self.ledger.record(ok=True)
+        return rows
+
+    @property
+    def own(self) -> OwnTransactions | None:
+        return self.ledger.own if self.ledger is not None else None
+
+    def publish_own_transactions(self) -> None:
+        """Make the server's counters include everything this connection did (PostgreSQL 15+)."""
+        if self.ledger is not None:
+            self.queries += int(self.ledger.can_flush)
+            self.ledger.flush(self.conn, MARKER)
 
     def query_one(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> tuple:
         rows = self.query(sql, params)

@@ -1,29 +1,42 @@
 """Statement latency from pg_stat_statements, summed over the watched database.
 
-No per-query labels: per-queryid series have run Prometheus out of memory elsewhere. Two counters,
-calls and execution seconds, are enough for mean latency as rate(exec) / rate(calls), compared
-between windows by their deltas. The exporter's own statements all start with the MARKER comment and
-are left out, so watching does not change what is watched. pg_stat_statements counts successful
-statements only; failures show up as rollbacks in the transactions collector.
+No per-query labels: per-queryid series have run Prometheus out of memory elsewhere. Three counters
+are enough: calls and execution seconds give the mean latency as rate(exec) / rate(calls), compared
+between windows by their deltas, and the sum of squared execution times gives its variance, so a rule
+can tell a real slowdown from the noise of a window's volume.
+
+Left out, by role (`userid`), never by reading query texts (the text file can be hundreds of MB and the
+`query` column reads it): the exporter's own statements (scrapes, probes, the baseline sampler) and
+the migration's, when it runs as a role of its own (`migration.role`), so a 10-minute backfill is not
+the application's latency. `pg_stat_statements(false)` skips the text file. pg_stat_statements counts
+successful statements only; failures show up as rollbacks in the transactions collector.
+
+Entries disappear when the view is full (the least-used are evicted) or reset, so the sums are
+exported as counters that only add increases (migexport.own.MonotonicSum).
 """
 
 from __future__ import annotations
 
 import psycopg
 
-from migexport.collectors.base import MARKER, Collector, Context
+from migexport.collectors.base import Collector, Context
 from migexport.metrics import COUNTER, MetricSpec, Sample
+from migexport.own import MonotonicSum
 
 # regnamespace::text quotes the schema name when it needs quoting, so it can be spliced into SQL.
 EXTENSION_SQL = """
 SELECT extnamespace::regnamespace::text, extversion
 FROM pg_extension WHERE extname = 'pg_stat_statements'
 """
+# Execution times are in milliseconds; stddev is the population standard deviation, so per entry the
+# sum of squares is calls * (stddev² + mean²).
 TOTALS_SQL_TEMPLATE = """
-SELECT coalesce(sum(calls), 0)::float8, coalesce(sum({exec_time_ms}), 0)::float8 / 1000
-FROM {schema}.pg_stat_statements
+SELECT coalesce(sum(calls), 0)::float8,
+       coalesce(sum({total}), 0)::float8 / 1e3,
+       coalesce(sum(calls * ({stddev} * {stddev} + {mean} * {mean})), 0)::float8 / 1e6
+FROM {schema}.pg_stat_statements(false)
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND {toplevel} query NOT LIKE %s
+  AND {toplevel} userid <> ALL (SELECT oid FROM pg_roles WHERE rolname = current_user OR rolname = ANY(%s))
 """
 
 AVAILABLE = MetricSpec(
@@ -34,12 +47,18 @@ AVAILABLE = MetricSpec(
 CALLS = MetricSpec(
     "migexport_statements_calls_total",
     "Statements executed in the watched database, summed over pg_stat_statements (top-level only; the "
-    "exporter's own excluded).",
+    "exporter's role and the migration's role excluded).",
     kind=COUNTER,
 )
 EXEC_SECONDS = MetricSpec(
     "migexport_statements_exec_seconds_total",
     "Execution time of those statements; rate(this) / rate(calls) is the mean statement latency.",
+    kind=COUNTER,
+)
+EXEC_SECONDS_SQUARED = MetricSpec(
+    "migexport_statements_exec_seconds_squared_total",
+    "Sum of the squared execution times of those statements (seconds²): with calls and exec seconds, the "
+    "variance of the mean latency over a window.",
     kind=COUNTER,
 )
 
@@ -48,24 +67,41 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
+def totals_sql(schema: str, version: str) -> str:
+    v = _version_tuple(version)
+    new_names = v >= (1, 8)  # PostgreSQL 13 renamed total_time to total_exec_time, and so on
+    return TOTALS_SQL_TEMPLATE.format(
+        schema=schema,
+        total="total_exec_time" if new_names else "total_time",
+        mean="mean_exec_time" if new_names else "mean_time",
+        stddev="stddev_exec_time" if new_names else "stddev_time",
+        toplevel="toplevel AND" if v >= (1, 9) else "",
+    )
+
+
 class StatementsCollector(Collector):
     name = "statements"
-    specs = (AVAILABLE, CALLS, EXEC_SECONDS)
+    specs = (AVAILABLE, CALLS, EXEC_SECONDS, EXEC_SECONDS_SQUARED)
+
+    def __init__(self, excluded_roles: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.excluded_roles = [r for r in excluded_roles if r]
+        self._sums = (MonotonicSum(), MonotonicSum(), MonotonicSum())
 
     def collect(self, ctx: Context) -> list[Sample]:
         rows = ctx.query(EXTENSION_SQL)
         if not rows:
             return [AVAILABLE.sample(0)]
         schema, version = rows[0]
-        v = _version_tuple(version)
-        sql = TOTALS_SQL_TEMPLATE.format(
-            schema=schema,
-            exec_time_ms="total_exec_time" if v >= (1, 8) else "total_time",
-            toplevel="toplevel AND" if v >= (1, 9) else "",
-        )
         try:
-            calls, seconds = ctx.query_one(sql, (MARKER.strip() + "%",))
+            raw = ctx.query_one(totals_sql(schema, version), (self.excluded_roles,))
         except psycopg.errors.ObjectNotInPrerequisiteState:
             # Installed but not in shared_preload_libraries: report it, do not fail the scrape.
             return [AVAILABLE.sample(0)]
-        return [AVAILABLE.sample(1), CALLS.sample(calls), EXEC_SECONDS.sample(seconds)]
+        calls, seconds, squared = (s.update(v) for s, v in zip(self._sums, raw, strict=True))
+        return [
+            AVAILABLE.sample(1),
+            CALLS.sample(calls),
+            EXEC_SECONDS.sample(seconds),
+            EXEC_SECONDS_SQUARED.sample(squared),
+        ]
