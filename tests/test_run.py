@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import monitor_dsn, scrape, value, wait_for
+from conftest import monitor_dsn, scrape, series, value, wait_for
 from migexport.config import Migration
 from migexport.dsn import Target
 from test_cli import migexport_argv
 
 
 def run(
-    tmp_path: Path, *command: str, limit: str = "30s", watch: str = "1h", timeout: float = 30
+    tmp_path: Path, *command: str, limit: str = "30s", watch: str = "1h", timeout: float = 30, mid: str = "m1"
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             *migexport_argv(),
             "run",
             "--id",
-            "m1",
+            mid,
             "--time-limit",
             limit,
             "--watch-window",
@@ -169,6 +169,21 @@ def test_missing_command_exits_127_with_one_line(tmp_path, exporter_for):
     assert proc.returncode == 127
     assert proc.stderr.strip().count("\n") == 0 and "cannot start" in proc.stderr
     assert migration(scrape(exporter_for().url), "failed") == 1
+
+
+def test_the_exported_migration_is_the_one_run_ran_not_the_configs(tmp_path, exporter_for):
+    exporter = exporter_for()  # configured for m1
+    assert run(tmp_path, "false", mid="hotfix-7").returncode == 1
+    m = scrape(exporter.url)
+    assert value(m, "migexport_migration_failed", migration_id="hotfix-7") == 1
+    assert value(m, "migexport_migration_watch_active", migration_id="hotfix-7") == 1
+    assert {dict(lbl)["migration_id"] for lbl in series(m, "migexport_migration_state_readable")} == {"hotfix-7"}
+
+    # The next migration replaces it over the same exporter's lifetime.
+    assert run(tmp_path, "true", mid="m2").returncode == 0
+    m = scrape(exporter.url)
+    assert value(m, "migexport_migration_failed", migration_id="m2") == 0
+    assert not any(dict(lbl).get("migration_id") == "hotfix-7" for (_, lbl) in m)
 
 
 def test_broken_state_file_is_reported_not_fatal(tmp_path, exporter_for):

@@ -72,7 +72,9 @@ class Exporter:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=False)
         migration = settings.migration
-        sources: list[Source] = [MigrationStateSource(settings.state_path, migration.id, migration.time_budget_seconds)]
+        # The migration in the state file, not the config's id, labels every migration series.
+        self.state_source = MigrationStateSource(settings.state_path, migration.id, migration.time_budget_seconds)
+        sources: list[Source] = [self.state_source]
         if settings.baseline_path is not None:
             sources.append(BaselineSource(settings.baseline_path, migration.id, settings.baseline_max_age_seconds))
         self.collector = MigexportCollector(
@@ -99,7 +101,10 @@ class Exporter:
         if target.name == self.settings.migration_target():
             migration = self.settings.migration
             # After the locks collector, whose wait graph it reuses.
-            collectors.insert(1, MigrationSessionCollector(migration.id, migration.session_application_name))
+            collectors.insert(
+                1,
+                MigrationSessionCollector(self.state_source.current_migration_id, migration.session_application_name),
+            )
         return collectors
 
     def start(self) -> Exporter:

@@ -1,7 +1,9 @@
 """The migration itself: its state (from the file `migexport run` writes) and its database session.
 
-State: in progress, start/end times, failed, timed out, time budget, and whether the watch window
-(from the start until `watch_window` after the end) is active; every alert keys on that last one.
+State: in progress, start/end times, failed, timed out, lost (the state says running but its `run` is
+gone), time budget, and whether the watch window (from the start until `watch_window` after the end)
+is active; every alert keys on that last one. The series carry the id of the migration in the state
+file (the one `run` ran), so every migration series of one moment has the same `migration_id`.
 
 Session: the migration's backend is recognised by its application_name. The sessions it blocks,
 directly or through the queue behind it, are counted from the same pg_blocking_pids() graph as the
@@ -12,12 +14,14 @@ locks collector's (no second lock-manager pass): an ALTER TABLE waiting behind a
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from migexport.collectors.base import Collector, Context
 from migexport.metrics import MetricSpec, Sample
-from migexport.state import StateError, read_state
+from migexport.state import MigrationState, StateError, read_state, this_machine
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,12 @@ WATCH = _spec(
     "1 from the migration's start until the watch window after its end has passed; alerts fire only then.",
 )
 STATE_OK = _spec("migexport_migration_state_readable", "0 if the state file exists but cannot be read or understood.")
+LOST = _spec(
+    "migexport_migration_lost",
+    "1 if the state says running but its `migexport run` is gone (killed, OOM, reboot) without recording an end: "
+    "nobody enforces the time limit any more. Check whether the command (command_pid in the state file) and its "
+    "database session are still running, end them or let them finish, then start the next run.",
+)
 BLOCKED = MetricSpec(
     "migexport_migration_blocked_sessions",
     "Sessions transitively blocked by the migration's database session (recognised by application_name).",
@@ -64,59 +74,105 @@ SESSION_WAIT = MetricSpec(
 
 
 class MigrationStateSource:
-    """Reads the state file at every scrape: a few hundred bytes, and always current."""
+    """Exports whatever migration the state file holds, labelled with that migration's id, so a
+    `run --id hotfix-7` pages as hotfix-7 even when the config says another id; without a readable
+    state file the series carry the config's id. The file is read again whenever it changes (it is
+    replaced by rename, so its inode and ctime change), at most once per call."""
 
-    specs = (IN_PROGRESS, START, END, FAILED, TIMED_OUT, EXIT_CODE, BUDGET, WATCH, STATE_OK)
+    specs = (IN_PROGRESS, START, END, FAILED, TIMED_OUT, EXIT_CODE, BUDGET, WATCH, STATE_OK, LOST)
 
     def __init__(self, state_path: Path, migration_id: str, time_budget_seconds: float) -> None:
         self.state_path = state_path
         self.migration_id = migration_id
         self.time_budget_seconds = time_budget_seconds
+        self.machine = this_machine()
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, ...] | None = None
+        self._state: MigrationState | None = None
+        self._error: str | None = None
         self._last_error: str | None = None
+        self._lost_reported: tuple[str, float] | None = None
+
+    def _load(self) -> tuple[MigrationState | None, str | None]:
+        """The current state (or None) and the reason it could not be read (or None)."""
+        with self._lock:
+            try:
+                st = self.state_path.stat()
+                stamp: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            except FileNotFoundError:
+                stamp = ()
+            except OSError:
+                stamp = None  # cannot even stat it: read_state() says why, every time
+            if stamp is None or stamp != self._stamp:
+                try:
+                    self._state, self._error = read_state(self.state_path), None
+                except StateError as exc:
+                    # Never the previous state: a broken file must not keep showing stale values.
+                    self._state, self._error = None, str(exc)
+                self._stamp = stamp
+            self._note_error(self._error)
+            return self._state, self._error
+
+    def current_migration_id(self) -> str:
+        """The id every migration series carries now: the state file's migration, else the config's."""
+        state, _ = self._load()
+        return state.migration_id if state is not None else self.migration_id
 
     def samples(self) -> list[Sample]:
-        labels = {"migration_id": self.migration_id}
-        try:
-            state = read_state(self.state_path)
-            readable = 1
-            self._note_error(None)
-        except StateError as exc:
-            state, readable = None, 0
-            self._note_error(str(exc))
-        if state is not None and state.migration_id != self.migration_id:
-            # A state file of another migration: not this one's state.
-            self._note_error(
-                f"{self.state_path}: belongs to migration {state.migration_id!r}, not {self.migration_id!r}; ignored"
-            )
-            state = None
-        out = [STATE_OK.sample(readable, **labels)]
+        state, error = self._load()
+        labels = {"migration_id": state.migration_id if state is not None else self.migration_id}
+        out = [STATE_OK.sample(0 if error else 1, **labels)]
         if state is None:
             return [
                 *out,
                 IN_PROGRESS.sample(0, **labels),
                 FAILED.sample(0, **labels),
                 TIMED_OUT.sample(0, **labels),
+                LOST.sample(0, **labels),
                 WATCH.sample(0, **labels),
                 BUDGET.sample(self.time_budget_seconds, **labels),
             ]
+        now = time.time()
+        lost = state.lost(now, self.machine)
         out += [
-            IN_PROGRESS.sample(int(state.in_progress), **labels),
+            # A lost run is not "in progress" (nobody runs it any more) but stays watched: its command
+            # may still be running, orphaned, without its time limit.
+            IN_PROGRESS.sample(int(state.in_progress and not lost), **labels),
+            LOST.sample(int(lost), **labels),
             START.sample(state.started_at, **labels),
             FAILED.sample(int(state.failed), **labels),
             TIMED_OUT.sample(int(state.timed_out), **labels),
             BUDGET.sample(state.time_budget_seconds, **labels),
-            WATCH.sample(int(state.watch_active(time.time())), **labels),
+            WATCH.sample(int(state.watch_active(now)), **labels),
         ]
         if state.ended_at is not None:
             out.append(END.sample(state.ended_at, **labels))
         if state.exit_code is not None:
             out.append(EXIT_CODE.sample(state.exit_code, **labels))
+        self._note_lost(state, lost)
         return out
 
     def _note_error(self, error: str | None) -> None:
-        if error != self._last_error and error is not None:
-            log.warning("migration state: %s", error)
+        """One log line per change of the problem, not one per scrape."""
+        if error != self._last_error:
+            if error is not None:
+                log.warning("migration state: %s", error)
+            elif self._last_error is not None:
+                log.info("migration state: %s readable again", self.state_path)
         self._last_error = error
+
+    def _note_lost(self, state: MigrationState, lost: bool) -> None:
+        key = (state.migration_id, state.started_at)
+        if lost and self._lost_reported != key:
+            log.warning(
+                "migration %s: its `migexport run` (pid %s on %s) is gone without recording an end; "
+                "its command (process group %s) may still be running without a time limit",
+                state.migration_id,
+                state.pid,
+                state.host,
+                state.command_pid,
+            )
+        self._lost_reported = key if lost else None
 
 
 class MigrationSessionCollector(Collector):
@@ -125,9 +181,11 @@ class MigrationSessionCollector(Collector):
     name = "migration"
     specs = (BLOCKED, SESSION, SESSION_WAIT)
 
-    def __init__(self, migration_id: str, application_name: str) -> None:
+    def __init__(self, current_migration_id: Callable[[], str], application_name: str) -> None:
         super().__init__()
-        self.migration_id = migration_id
+        # A callable, not a fixed id: the migration in the state file (MigrationStateSource) may change
+        # while the exporter runs, and every migration series must carry the same id.
+        self.current_migration_id = current_migration_id
         self.application_name = application_name
 
     def collect(self, ctx: Context) -> list[Sample]:
@@ -138,7 +196,7 @@ class MigrationSessionCollector(Collector):
         for pid in pids:
             blocked |= ctx.lock_graph.blocked_by(pid)
         waits = [w.wait_seconds for w in ctx.lock_waiters if w.pid in pids]
-        labels = {"migration_id": self.migration_id}
+        labels = {"migration_id": self.current_migration_id()}
         return [
             BLOCKED.sample(len(blocked - pids), **labels),
             SESSION.sample(len(pids), **labels),
