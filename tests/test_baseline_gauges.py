@@ -32,7 +32,7 @@ def make_doc(captured_at: float | None = None) -> dict[str, Any]:
     """A baseline document with the keys `_document()` produces (plus slis, as `capture()` adds)."""
     return {
         "format": "migexport-baseline",
-        "version": 1,
+        "version": 2,
         "migration_id": MIGRATION,
         "captured_at": time.time() if captured_at is None else captured_at,
         "window_seconds": 300.0,
@@ -43,8 +43,11 @@ def make_doc(captured_at: float | None = None) -> dict[str, Any]:
                 "tps": 123.5,
                 "commits": 37000.0,
                 "rollbacks": 50.0,
+                "transactions": 37050.0,
                 "error_ratio": 0.00135,
                 "statement_latency_seconds": 0.0042,
+                "statement_latency_stddev_seconds": 0.0031,
+                "statement_calls": 123075.0,
                 "statement_calls_per_second": 410.25,
                 "connections_by_state": {"active": 3.5, "idle": 20.0},
                 "connections": 23.5,
@@ -59,10 +62,18 @@ def make_doc(captured_at: float | None = None) -> dict[str, Any]:
         "probes": {
             "recent_orders": {
                 "target": "primary",
+                "interval_seconds": 15.0,
                 "runs": 20,
+                "successful_runs": 19,
                 "success_ratio": 0.95,
+                "latency_buckets": {
+                    "upper_bounds_seconds": [0.01, 0.016, 0.1],
+                    "cumulative_counts": [2, 16, 19, 19],
+                },
                 "p50_seconds": 0.012,
                 "p95_seconds": 0.085,
+                "window_runs": 20,
+                "p95_window_max_seconds": 0.0925,
             },
         },
         "slis": {"error_ratio": 0.002, "latency_seconds": 0.3},
@@ -70,11 +81,15 @@ def make_doc(captured_at: float | None = None) -> dict[str, Any]:
     }
 
 
-def expected_series(doc: dict[str, Any]) -> Series:
-    """Every baseline gauge the document should become, with its labels; nulls have none."""
+def expected_series(
+    doc: dict[str, Any], targets: tuple[str, ...] = ("primary",), probes: tuple[tuple[str, str], ...] = ()
+) -> Series:
+    """Every baseline gauge the document should become, with its labels; nulls have none, and each value
+    the exporter's `targets` and `probes` need but the document lacks is `missing`."""
     m = ("migration_id", MIGRATION)
     out: Series = {
         ("migexport_baseline_loaded", frozenset({m})): 1.0,
+        ("migexport_baseline_info", frozenset({m, ("baseline_migration_id", doc["migration_id"])})): 1.0,
         ("migexport_baseline_stale", frozenset({m})): 0.0,
         ("migexport_baseline_captured_timestamp_seconds", frozenset({m})): doc["captured_at"],
         ("migexport_baseline_window_seconds", frozenset({m})): doc["window_seconds"],
@@ -85,7 +100,16 @@ def expected_series(doc: dict[str, Any]) -> Series:
             out[(f"migexport_baseline_{name}", frozenset({m, *labels.items()}))] = v
 
     for target, t in doc["targets"].items():
-        for key in ("tps", "error_ratio", "statement_latency_seconds", "connections", "connection_utilisation"):
+        for key in (
+            "tps",
+            "error_ratio",
+            "statement_latency_seconds",
+            "statement_latency_stddev_seconds",
+            "statement_calls",
+            "transactions",
+            "connections",
+            "connection_utilisation",
+        ):
             add(key, t[key], target=target)
         add("database_size_bytes", t["database_size_bytes"], target=target)
         for standby, lag in t["replication_lag_seconds"].items():
@@ -95,9 +119,23 @@ def expected_series(doc: dict[str, Any]) -> Series:
     for probe, p in doc["probes"].items():
         add("probe_latency_seconds", p["p50_seconds"], target=p["target"], probe=probe, quantile="0.5")
         add("probe_latency_seconds", p["p95_seconds"], target=p["target"], probe=probe, quantile="0.95")
+        add("probe_latency_window_max_seconds", p["p95_window_max_seconds"], target=p["target"], probe=probe)
         add("probe_success_ratio", p["success_ratio"], target=p["target"], probe=probe)
     for sli, v in doc["slis"].items():
         add("app_sli", v, sli=sli)
+    for target in targets:
+        t = doc["targets"].get(target, {})
+        for name, key in (
+            ("tps", "tps"),
+            ("error_ratio", "error_ratio"),
+            ("statement_latency", "statement_latency_seconds"),
+        ):
+            if t.get(key) is None:
+                add("missing", 1.0, target=target, probe="", value=name)
+    for target, probe in probes:
+        p = doc["probes"].get(probe, {})
+        if p.get("target") != target or p.get("p95_seconds") is None:
+            add("missing", 1.0, target=target, probe=probe, value="p95")
     return out
 
 

@@ -1,9 +1,10 @@
 """Key business query probes and application health checks, run against the session's real primary.
 
-Each test starts an exporter with probes (or apps) of its own and reads what it exports: probe
-durations as a histogram, success, the per-probe statement timeout, READ ONLY transactions, probe
-statements kept out of the statement counters, one connection per target for all its probes, and
-application health flipping with a real HTTP server.
+Each test starts an exporter with probes (or apps) of its own and reads what it exports: durations of
+successful runs as a histogram, success, whether a probe ever succeeded (and the GRANT a probe on an
+unreadable table needs), the per-probe statement timeout, READ ONLY transactions, probe statements
+kept out of the statement counters, one connection per target for all its probes, and application
+health flipping with a real HTTP server.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client.utils import floatToGoString
 from psycopg import sql
 
 from conftest import MONITOR_ROLE, Metrics, monitor_dsn, scrape, series, value, wait_for
 from migexport.config import App, Probe
 from migexport.dsn import Target
+from migexport.probes import PROBE_BUCKETS
 from migexport.service import Exporter
 
 
@@ -78,32 +81,92 @@ def test_a_probe_is_timed_into_a_histogram_and_succeeds(pg, serve):
     m = wait_for_runs(exporter, "primary", "nap", 5)
 
     assert value(m, "migexport_probe_success", target="primary", probe="nap") == 1
+    assert value(m, "migexport_probe_ever_succeeded", target="primary", probe="nap") == 1
     assert 0.04 <= mean_duration(m, "primary", "nap") <= 0.5
     runs = value(m, "migexport_probe_duration_seconds_count", target="primary", probe="nap")
     bucket = "migexport_probe_duration_seconds_bucket"
-    assert value(m, bucket, target="primary", probe="nap", le="0.025") == 0  # each run sleeps 50 ms
+    # The exposed buckets are PROBE_BUCKETS, the ones the baseline's p95 is computed over.
+    les = {dict(labels)["le"] for labels in series(m, bucket) if ("probe", "nap") in labels}
+    assert les == {floatToGoString(b) for b in PROBE_BUCKETS} | {"+Inf"}
+    assert value(m, bucket, target="primary", probe="nap", le="0.04") == 0  # each run sleeps 50 ms
     assert value(m, bucket, target="primary", probe="nap", le="0.1") > 0
     assert value(m, bucket, target="primary", probe="nap", le="+Inf") == runs
 
 
-def test_failing_and_timing_out_probes_report_failure(pg, serve):
+def failure_logged(caplog, what: str) -> logging.LogRecord | None:
+    return next((r for r in caplog.records if r.getMessage().startswith(f"{what} failed")), None)
+
+
+def test_failing_and_timing_out_probes_report_failure(pg, serve, caplog):
+    caplog.set_level(logging.WARNING, logger="migexport")
     # Two targets on the same server so each probe has its own thread: the slow one never delays the other.
     broken = Probe("divide", "SELECT 1/0", "primary", interval_seconds=0.2, timeout_seconds=2)
     slow = Probe("slow", "SELECT pg_sleep(2)", "slowdb", interval_seconds=0.2, timeout_seconds=0.2)
+    started = time.time()
     exporter = serve(
         Target("primary", monitor_dsn(pg.primary)),
         Target("slowdb", monitor_dsn(pg.primary)),
         probes=(broken, slow),
     )
-    wait_for_runs(exporter, "primary", "divide", 2)
-    m = wait_for_runs(exporter, "slowdb", "slow", 3)
+    wait_for(lambda: failure_logged(caplog, "probe divide on primary") is not None, what="divide to fail")
+    wait_for(lambda: failure_logged(caplog, "probe slow on slowdb") is not None, what="slow to fail")
+    time.sleep(1)  # several more failed runs of each
+    m = scrape(exporter.url)
 
     assert value(m, "migexport_probe_success", target="primary", probe="divide") == 0
     assert value(m, "migexport_probe_success", target="slowdb", probe="slow") == 0
     # The probe's own 0.2 s statement timeout cancelled pg_sleep(2) (the session default is 2 s).
-    assert mean_duration(m, "slowdb", "slow") < 1.5
-    # Failed runs are observed too, so a timing-out query shows in the histogram.
-    assert value(m, "migexport_probe_duration_seconds_bucket", target="slowdb", probe="slow", le="1.0") >= 3
+    timed_out = failure_logged(caplog, "probe slow on slowdb")
+    assert "statement timeout" in timed_out.getMessage()
+    assert timed_out.created - started < 1.5
+    # Failed runs are not latencies: the histogram holds successful runs only, like the baseline's.
+    assert probe_runs(m, "primary", "divide") == 0
+    assert probe_runs(m, "slowdb", "slow") == 0
+
+
+def test_a_probe_on_a_table_the_role_may_not_read_says_which_grant_is_missing(pg, fresh_db, serve, caplog):
+    caplog.set_level(logging.INFO, logger="migexport")
+    with pg.primary.connect(dbname=fresh_db) as conn:
+        conn.execute("CREATE TABLE secret_orders (id int)")
+        conn.execute("INSERT INTO secret_orders VALUES (1)")
+    probe = Probe("secret", "SELECT count(*) FROM secret_orders", "app", interval_seconds=0.1, timeout_seconds=2)
+    exporter = serve(Target("app", monitor_dsn(pg.primary, fresh_db)), probes=(probe,))
+
+    def ever(m: Metrics) -> float:
+        return value(m, "migexport_probe_ever_succeeded", target="app", probe="secret")
+
+    assert ever(scrape(exporter.url)) == 0  # present from the start
+    wait_for(lambda: failure_logged(caplog, "probe secret on app") is not None, what="the probe to fail")
+    time.sleep(0.5)  # more failed runs: still one line
+    failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probe secret on app failed")]
+    assert len(failures) == 1, failures
+    assert "permission denied for table secret_orders" in failures[0]
+    assert "has not succeeded since the exporter started" in failures[0]
+    assert f"fix: GRANT SELECT ON secret_orders TO {MONITOR_ROLE}" in failures[0]
+    m = scrape(exporter.url)
+    assert ever(m) == 0 and probe_runs(m, "app", "secret") == 0
+
+    # The fix the line names works: the probe succeeds, and its successful runs are timed.
+    with pg.primary.connect(dbname=fresh_db) as conn:
+        conn.execute(sql.SQL("GRANT SELECT ON secret_orders TO {}").format(sql.Identifier(MONITOR_ROLE)))
+    wait_for(lambda: ever(scrape(exporter.url)) == 1, what="the probe to succeed after the GRANT")
+    m = wait_for_runs(exporter, "app", "secret", 3)
+    assert value(m, "migexport_probe_success", target="app", probe="secret") == 1
+
+    # Broken again: no longer "never succeeded", and the failed runs stay out of the histogram.
+    with pg.primary.connect(dbname=fresh_db) as conn:
+        conn.execute(sql.SQL("REVOKE SELECT ON secret_orders FROM {}").format(sql.Identifier(MONITOR_ROLE)))
+    wait_for(
+        lambda: value(scrape(exporter.url), "migexport_probe_success", target="app", probe="secret") == 0,
+        what="the probe to fail after the REVOKE",
+    )
+    counted = probe_runs(scrape(exporter.url), "app", "secret")
+    time.sleep(1)  # ~10 failed runs
+    m = scrape(exporter.url)
+    assert probe_runs(m, "app", "secret") == counted
+    assert ever(m) == 1
+    again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probe secret on app failed")]
+    assert len(again) == 2 and "has not succeeded" not in again[1], again
 
 
 def test_probes_run_read_only_even_where_the_role_may_write(pg, fresh_db, serve, caplog):
@@ -118,8 +181,10 @@ def test_probes_run_read_only_even_where_the_role_may_write(pg, fresh_db, serve,
         Probe("insert", "INSERT INTO probe_target VALUES (1)", "app", interval_seconds=0.2),
     )
     exporter = serve(Target("app", monitor_dsn(pg.primary, fresh_db)), probes=probes)
-    wait_for_runs(exporter, "app", "create", 3)
-    m = wait_for_runs(exporter, "app", "insert", 3)
+    for name in ("create", "insert"):
+        wait_for(lambda name=name: failure_logged(caplog, f"probe {name} on app") is not None, what=f"{name} to fail")
+    time.sleep(0.6)  # a few more failed runs of each
+    m = scrape(exporter.url)
 
     assert value(m, "migexport_probe_success", target="app", probe="create") == 0
     assert value(m, "migexport_probe_success", target="app", probe="insert") == 0

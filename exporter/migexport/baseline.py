@@ -9,11 +9,26 @@ sampler reuses the exporter's collectors (same SQL, same session safety) on one 
 target, runs the probes on that same connection, and subtracts its own transactions from the commit
 and rollback deltas (exactly on PostgreSQL 15+, where it can force its statistics to be flushed).
 
+Every value is the estimator the live side uses, so that a migration compares like with like:
+- probe p50/p95: PromQL's histogram_quantile() over the probe buckets of the successful runs (the
+  buckets are kept in the document), and the noise ceiling: the highest such p95 over every run of
+  consecutive probes as long as the live rate window holds (thresholds.rate_window / the probe's interval);
+- statements: calls, mean and standard deviation of latency over the window, from the deltas of the
+  pg_stat_statements sums (calls, time, squared time), so a rule can weigh a change against its noise;
+- transactions: commits + rollbacks in the window (the error ratio's n), our own excluded.
+
+A baseline with holes disarms the alerts that need the missing values, silently. So an unreachable
+target or a probe that never succeeds fails the capture (BaselineIncomplete: nothing is written),
+and every target and probe is tried once before the window, so that a missing GRANT fails in
+seconds. `allow_partial` writes what was captured and lists the rest under "failures". A standby
+without transactions, pg_stat_statements not installed, an unanalyzed table are notes ("missing").
+
 The document is written by `baseline_file.write_baseline` and served by `baseline_gauges`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -21,6 +36,7 @@ import statistics
 import time
 import urllib.parse
 import urllib.request
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +46,9 @@ import psycopg
 from migexport.baseline_file import FORMAT, VERSION, BaselineError
 from migexport.collectors import connections, replication, size, statements, transactions
 from migexport.collectors.base import MARKER, Context, ServerInfo
-from migexport.config import Config, Probe
+from migexport.config import Config, Probe, Thresholds
 from migexport.metrics import MetricSpec, Sample
-from migexport.probes import run_probe
+from migexport.probes import PROBE_BUCKETS, ProbeResult, cumulative_buckets, fix_hint, probe_quantile, run_probe
 from migexport.targets import SERVER_SQL, SessionSettings, connect
 
 log = logging.getLogger(__name__)
@@ -50,16 +66,51 @@ def values_of(samples: list[Sample], spec: MetricSpec) -> dict[tuple[str, ...], 
     return {s.label_values: s.value for s in samples if s.spec is spec}
 
 
-def value_of(samples: list[Sample], spec: MetricSpec) -> float | None:
+def value_of(samples: list[Sample], spec: MetricSpec | None) -> float | None:
     found = values_of(samples, spec)
     return found.get((), None)
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    return statistics.quantiles(ordered, n=100, method="inclusive")[round(q * 100) - 1]
+def runs_per_window(thresholds: Thresholds, probe: Probe) -> int:
+    """How many runs of the probe the live rate window holds (at least 2: one run has no spread)."""
+    return max(2, int(thresholds.rate_window_seconds / probe.interval_seconds))
+
+
+def window_p95_max(durations: list[float], window_runs: int) -> float | None:
+    """The highest p95 (histogram_quantile() over PROBE_BUCKETS) of any `window_runs` consecutive runs.
+
+    The live p95 is taken over a rate window holding that many runs, so this is how high it reads at
+    rest by chance alone; with fewer runs than that, the p95 of all of them.
+    """
+    if not durations:
+        return None
+    k = min(window_runs, len(durations))
+    index = [bisect_left(PROBE_BUCKETS, d) for d in durations]
+    counts = [0] * (len(PROBE_BUCKETS) + 1)
+    for i in index[:k]:
+        counts[i] += 1
+    best = _p95_of(counts)
+    for j in range(k, len(index)):  # slide by one run: add the newest, drop the oldest
+        counts[index[j]] += 1
+        counts[index[j - k]] -= 1
+        best = max(best, _p95_of(counts))
+    return best
+
+
+def _p95_of(counts: list[int]) -> float:
+    return probe_quantile(0.95, list(itertools.accumulate(counts))) or 0.0
+
+
+@dataclass
+class _ProbeRuns:
+    """One probe's runs in the window: durations of the successful ones, in order, and the last failure."""
+
+    probe: Probe
+    durations: list[float] = field(default_factory=list)
+    runs: int = 0
+    failure: ProbeResult | None = None
+    role: str = ""  # the role the session logged in as: the one a GRANT must name
+    preflight_failed: bool = False
 
 
 @dataclass
@@ -68,6 +119,7 @@ class _Counters:
     rollbacks: float
     calls: float | None
     exec_seconds: float | None
+    exec_seconds_squared: float | None
 
 
 @dataclass
@@ -79,7 +131,7 @@ class _TargetSampler:
     server: ServerInfo
     ctx: Context
     collectors: dict[str, Any]
-    probes: list[tuple[Probe, list[float], list[bool]]] = field(default_factory=list)
+    probes: list[_ProbeRuns] = field(default_factory=list)
     connection_samples: list[dict[tuple[str, ...], float]] = field(default_factory=list)
     connections_max: float | None = None
     lag_samples: dict[str, list[float]] = field(default_factory=dict)
@@ -89,7 +141,6 @@ class _TargetSampler:
     queries_at_start: int = 0
     start: _Counters | None = None
     end: _Counters | None = None
-    missing: list[str] = field(default_factory=list)
 
     def query_count(self) -> int:
         return self.ctx.queries
@@ -103,11 +154,14 @@ class _TargetSampler:
         tx = self.collectors["transactions"].collect(self.ctx)
         st = self.collectors["statements"].collect(self.ctx)
         available = value_of(st, statements.AVAILABLE) == 1
+        # The sum of squared execution times comes with newer collectors; without it: no stddev.
+        squared = getattr(statements, "EXEC_SECONDS_SQUARED", None)
         return _Counters(
             commits=value_of(tx, transactions.COMMITS) or 0.0,
             rollbacks=value_of(tx, transactions.ROLLBACKS) or 0.0,
             calls=value_of(st, statements.CALLS) if available else None,
             exec_seconds=value_of(st, statements.EXEC_SECONDS) if available else None,
+            exec_seconds_squared=value_of(st, squared) if available and squared is not None else None,
         )
 
     def sample(self) -> None:
@@ -124,21 +178,26 @@ class _TargetSampler:
                 if not math.isnan(lag):
                     self.lag_samples.setdefault(standby, []).append(lag)
 
-    def run_probe(self, probe: Probe, durations: list[float], outcomes: list[bool]) -> None:
-        result = run_probe(self.conn, probe)
+    def run_probe(self, runs: _ProbeRuns) -> None:
+        result = run_probe(self.conn, runs.probe)
         # Each probe is one transaction of ours: a commit on success, a rollback on failure.
+        runs.runs += 1
         if result.ok:
             self.own_commits += 1
+            runs.durations.append(result.seconds)
         else:
             self.own_rollbacks += 1
-        durations.append(result.seconds)
-        outcomes.append(result.ok)
+            runs.failure = result
 
 
 def _open_sampler(config: Config, target_name: str, session: SessionSettings) -> _TargetSampler:
     target = next(t for t in config.targets if t.name == target_name)
     conn = connect(target, session)
-    version, in_recovery, database = conn.execute(MARKER + SERVER_SQL).fetchone()  # type: ignore[misc]
+    try:
+        version, in_recovery, database = conn.execute(MARKER + SERVER_SQL).fetchone()  # type: ignore[misc]
+    except psycopg.Error:
+        conn.close()
+        raise
     server = ServerInfo(version, in_recovery, database)
     collectors = {
         "transactions": transactions.TransactionsCollector(),
@@ -151,13 +210,75 @@ def _open_sampler(config: Config, target_name: str, session: SessionSettings) ->
     return _TargetSampler(target_name, conn, server, Context(target_name, conn, server), collectors)
 
 
+class BaselineIncomplete(BaselineError):
+    """Targets not reached or probes that never succeeded: the baseline would have holes that disarm
+    alerts. `problems` holds one printable line each, with the fix where one is known."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _probe_problem(runs: _ProbeRuns, what: str) -> str:
+    failure = runs.failure or ProbeResult(False, 0.0, "no run")
+    hint = fix_hint(failure, runs.role)
+    return f"probe {runs.probe.name} on {runs.probe.target}: {what}: {failure.error}" + (f" ({hint})" if hint else "")
+
+
+def _preflight(config: Config, session: SessionSettings, samplers: dict[str, _TargetSampler]) -> list[str]:
+    """Reach every target and run every probe once, before the window: a missing GRANT fails in
+    seconds, not after five minutes of sampling. These runs are not part of the baseline (the first
+    run of a query on a new session pays for catalog and plan caches). Returns what is unreachable;
+    probes that failed are marked (see _probe_failures)."""
+    failures: list[str] = []
+    for target in config.targets:
+        try:
+            samplers[target.name] = _open_sampler(config, target.name, session)
+        except psycopg.Error as exc:
+            failures.append(
+                f"target {target.name}: not reachable: {_first_line(exc)} "
+                "(fix: check its DSN, that the server is up and that pg_hba.conf admits the role)"
+            )
+    for probe in config.probes:
+        s = samplers.get(probe.target)
+        if s is None:
+            failures.append(f"probe {probe.name} on {probe.target}: not run, its target is not reachable")
+            continue
+        runs = _ProbeRuns(probe, role=s.conn.info.user)
+        s.probes.append(runs)
+        result = run_probe(s.conn, probe)
+        if not result.ok:
+            runs.failure, runs.preflight_failed = result, True
+    return failures
+
+
+def _probe_failures(samplers: dict[str, _TargetSampler], after_window: bool) -> list[str]:
+    """Probes that failed before the window, and, after it, those without a successful run in it
+    (one that failed before the window but succeeded in it is no hole)."""
+    out: list[str] = []
+    for s in samplers.values():
+        for runs in s.probes:
+            if runs.durations:
+                continue
+            if runs.preflight_failed:
+                out.append(_probe_problem(runs, "failed"))
+            elif after_window:
+                out.append(_probe_problem(runs, "no successful run in the window"))
+    return out
+
+
 def capture(
     config: Config,
     duration_seconds: float,
     progress: Callable[[float], None] = lambda fraction: None,
     sample_interval_seconds: float | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
-    """Sample every target for `duration_seconds` and return the baseline document."""
+    """Sample every target for `duration_seconds` and return the baseline document.
+
+    Raises BaselineIncomplete, before the window when it can, if a target is not reachable or a probe
+    never succeeds, unless `allow_partial` (then the document lists them under "failures").
+    """
     session = SessionSettings(
         application_name=f"{config.application_name}-baseline",
         lock_timeout_ms=round(config.lock_timeout_seconds * 1000),
@@ -165,45 +286,19 @@ def capture(
     )
     tick = sample_interval_seconds or min(5.0, max(0.2, duration_seconds / 20))
     samplers: dict[str, _TargetSampler] = {}
-    problems: list[str] = []
     try:
-        for target in config.targets:
-            try:
-                samplers[target.name] = _open_sampler(config, target.name, session)
-            except psycopg.Error as exc:
-                problems.append(f"{target.name}: not reachable, nothing captured ({_first_line(exc)})")
-        if not samplers:
-            raise BaselineError("no target could be reached: " + "; ".join(problems))
-        for probe in config.probes:
-            if probe.target in samplers:
-                samplers[probe.target].probes.append((probe, [], []))
-            else:
-                problems.append(f"probe {probe.name}: its target {probe.target} is not reachable")
-        # Probes run back to back at the sampling tick (not their serving interval), so that a short
-        # window still gives enough runs for a median and a 95th percentile.
-        for s in samplers.values():
-            s.flush_own_stats()
-            s.queries_at_start = s.query_count()
-            s.start = s.read_counters()
-        started = time.monotonic()
-        while True:
-            elapsed = time.monotonic() - started
-            progress(min(1.0, elapsed / duration_seconds))
-            if elapsed >= duration_seconds:
-                break
-            for s in samplers.values():
-                s.sample()
-                for probe, durations, outcomes in s.probes:
-                    s.run_probe(probe, durations, outcomes)
-            time.sleep(max(0.0, min(tick, duration_seconds - (time.monotonic() - started))))
-        window = time.monotonic() - started
-        for s in samplers.values():
-            s.flush_own_stats()
-            # Each of our autocommit queries since the start read is one committed transaction: the
-            # start read itself (it commits after reading) and the flush included, the end read not.
-            s.own_commits += s.query_count() - s.queries_at_start
-            s.end = s.read_counters()
-        doc = _document(config, samplers, window, problems)
+        unreachable = _preflight(config, session, samplers)
+        failures = unreachable + _probe_failures(samplers, after_window=False)
+        if not samplers or (failures and not allow_partial):
+            raise BaselineIncomplete(failures)
+        try:
+            window = _sample(samplers, duration_seconds, tick, progress)
+        except psycopg.Error as exc:
+            raise BaselineIncomplete([f"sampling failed: {_first_line(exc)}"]) from None
+        failures = unreachable + _probe_failures(samplers, after_window=True)
+        if failures and not allow_partial:
+            raise BaselineIncomplete(failures)
+        doc = _document(config, samplers, window, failures)
     finally:
         for s in samplers.values():
             s.conn.close()
@@ -212,92 +307,50 @@ def capture(
     return doc
 
 
+def _sample(
+    samplers: dict[str, _TargetSampler], duration_seconds: float, tick: float, progress: Callable[[float], None]
+) -> float:
+    """The window itself; returns its length in seconds."""
+    # Probes run back to back at the sampling tick (not their serving interval), so that a short
+    # window still gives enough runs for a median and a 95th percentile.
+    for s in samplers.values():
+        s.flush_own_stats()
+        s.queries_at_start = s.query_count()
+        s.start = s.read_counters()
+    started = time.monotonic()
+    while True:
+        elapsed = time.monotonic() - started
+        progress(min(1.0, elapsed / duration_seconds))
+        if elapsed >= duration_seconds:
+            break
+        for s in samplers.values():
+            s.sample()
+            for runs in s.probes:
+                s.run_probe(runs)
+        time.sleep(max(0.0, min(tick, duration_seconds - (time.monotonic() - started))))
+    window = time.monotonic() - started
+    for s in samplers.values():
+        s.flush_own_stats()
+        # Each of our autocommit queries since the start read is one committed transaction: the
+        # start read itself (it commits after reading) and the flush included, the end read not.
+        s.own_commits += s.query_count() - s.queries_at_start
+        s.end = s.read_counters()
+    return window
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _document(
-    config: Config, samplers: dict[str, _TargetSampler], window: float, problems: list[str]
+    config: Config, samplers: dict[str, _TargetSampler], window: float, failures: list[str]
 ) -> dict[str, Any]:
-    missing = list(problems)
-    targets: dict[str, Any] = {}
-    probes: dict[str, Any] = {}
-    for name, s in samplers.items():
-        assert s.start and s.end
-        commits = s.end.commits - s.start.commits - s.own_commits
-        rollbacks = s.end.rollbacks - s.start.rollbacks - s.own_rollbacks
-        if s.server.version_num < 150000:
-            missing.append(f"{name}: PostgreSQL < 15, the sampler's own transactions are subtracted approximately")
-        total = commits + rollbacks
-        if total <= 0:
-            missing.append(f"{name}: no transactions in the window: error ratio not captured")
-        latency = None
-        calls_per_second = None
-        if s.start.calls is None or s.end.calls is None:
-            missing.append(f"{name}: pg_stat_statements not available: statement latency not captured")
-        else:
-            calls = s.end.calls - s.start.calls
-            calls_per_second = calls / window
-            if calls > 0:
-                latency = (s.end.exec_seconds - s.start.exec_seconds) / calls  # type: ignore[operator]
-            else:
-                missing.append(f"{name}: no statements in the window: statement latency not captured")
-        states: dict[str, float] = {}
-        for sample in s.connection_samples:
-            for (state,), n in sample.items():
-                states[state] = states.get(state, 0.0) + n / len(s.connection_samples)
-        connections_total = sum(states.values()) if states else None
-        rows: dict[str, float | None] = {}
-        if name == config.migration_target().name:
-            for table in config.migration.affected_tables:
-                found = s.ctx.query(ROWS_SQL, (table,))
-                if not found:
-                    missing.append(f"{name}: affected table {table} not found")
-                    rows[table] = None
-                elif found[0][0] < 0:
-                    missing.append(f"{name}: affected table {table} never analyzed: no row estimate")
-                    rows[table] = None
-                else:
-                    rows[table] = found[0][0]
-        size_bytes = value_of(s.collectors["size"].collect(s.ctx), size.DATABASE_SIZE)
-        targets[name] = {
-            "in_recovery": s.server.in_recovery,
-            "server_version_num": s.server.version_num,
-            "tps": max(0.0, total) / window,
-            "commits": commits,
-            "rollbacks": rollbacks,
-            "error_ratio": rollbacks / total if total > 0 else None,
-            "statement_latency_seconds": latency,
-            "statement_calls_per_second": calls_per_second,
-            "connections_by_state": states,
-            "connections": connections_total,
-            "connections_max": s.connections_max,
-            "connection_utilisation": (
-                connections_total / s.connections_max if connections_total is not None and s.connections_max else None
-            ),
-            "replication_lag_seconds": {
-                standby: {"mean": statistics.fmean(v), "max": max(v)} for standby, v in s.lag_samples.items()
-            },
-            "standby_replay_lag_seconds": (
-                {"mean": statistics.fmean(s.standby_lag_samples), "max": max(s.standby_lag_samples)}
-                if s.standby_lag_samples
-                else None
-            ),
-            "database_size_bytes": size_bytes,
-            "table_rows_estimate": rows,
-        }
-        for probe, durations, outcomes in s.probes:
-            ok = [d for d, good in zip(durations, outcomes, strict=True) if good]
-            if not ok:
-                missing.append(f"probe {probe.name}: no successful run: latency not captured")
-            probes[probe.name] = {
-                "target": probe.target,
-                "runs": len(durations),
-                "success_ratio": sum(outcomes) / len(outcomes) if outcomes else None,
-                "p50_seconds": quantile(ok, 0.50) if ok else None,
-                "p95_seconds": quantile(ok, 0.95) if ok else None,
-            }
+    missing: list[str] = []
+    targets = {name: _target_doc(config, s, window, missing) for name, s in samplers.items()}
+    probes = {
+        runs.probe.name: _probe_doc(config.thresholds, runs, missing) for s in samplers.values() for runs in s.probes
+    }
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -307,6 +360,121 @@ def _document(
         "targets": targets,
         "probes": probes,
         "missing": missing,
+        "failures": failures,
+    }
+
+
+def _statements(s: _TargetSampler, window: float, missing: list[str]) -> dict[str, float | None]:
+    """Calls, mean and standard deviation of statement latency over the window (pg_stat_statements deltas)."""
+    assert s.start and s.end
+    out: dict[str, float | None] = dict.fromkeys(
+        (
+            "statement_calls",
+            "statement_calls_per_second",
+            "statement_latency_seconds",
+            "statement_latency_stddev_seconds",
+        )
+    )
+    if s.start.calls is None or s.end.calls is None:
+        missing.append(f"{s.name}: pg_stat_statements not available: statement latency not captured")
+        return out
+    calls = max(0.0, s.end.calls - s.start.calls)
+    out.update(statement_calls=calls, statement_calls_per_second=calls / window)
+    if calls <= 0:
+        missing.append(f"{s.name}: no statements in the window: statement latency not captured")
+        return out
+    mean = (s.end.exec_seconds - s.start.exec_seconds) / calls  # type: ignore[operator]
+    out["statement_latency_seconds"] = max(0.0, mean)
+    if s.start.exec_seconds_squared is None or s.end.exec_seconds_squared is None:
+        missing.append(f"{s.name}: no sum of squared execution times: statement latency stddev not captured")
+        return out
+    # Population variance of all calls: E[x²] - mean². Rounding can take it a hair below 0.
+    mean_square = (s.end.exec_seconds_squared - s.start.exec_seconds_squared) / calls
+    out["statement_latency_stddev_seconds"] = math.sqrt(max(0.0, mean_square - mean * mean))
+    return out
+
+
+def _rows(config: Config, s: _TargetSampler, missing: list[str]) -> dict[str, float | None]:
+    rows: dict[str, float | None] = {}
+    if s.name != config.migration_target().name:
+        return rows
+    for table in config.migration.affected_tables:
+        found = s.ctx.query(ROWS_SQL, (table,))
+        if not found:
+            missing.append(f"{s.name}: affected table {table} not found")
+            rows[table] = None
+        elif found[0][0] < 0:
+            missing.append(f"{s.name}: affected table {table} never analyzed: no row estimate")
+            rows[table] = None
+        else:
+            rows[table] = found[0][0]
+    return rows
+
+
+def _target_doc(config: Config, s: _TargetSampler, window: float, missing: list[str]) -> dict[str, Any]:
+    assert s.start and s.end
+    name = s.name
+    commits = max(0.0, s.end.commits - s.start.commits - s.own_commits)
+    rollbacks = max(0.0, s.end.rollbacks - s.start.rollbacks - s.own_rollbacks)
+    if s.server.version_num < 150000:
+        missing.append(f"{name}: PostgreSQL < 15, the sampler's own transactions are subtracted approximately")
+    total = commits + rollbacks
+    if total <= 0:
+        missing.append(f"{name}: no transactions in the window: error ratio not captured")
+    states: dict[str, float] = {}
+    for sample in s.connection_samples:
+        for (state,), n in sample.items():
+            states[state] = states.get(state, 0.0) + n / len(s.connection_samples)
+    connections_total = sum(states.values()) if states else None
+    return {
+        "in_recovery": s.server.in_recovery,
+        "server_version_num": s.server.version_num,
+        "tps": total / window,
+        "commits": commits,
+        "rollbacks": rollbacks,
+        "transactions": total,
+        "error_ratio": rollbacks / total if total > 0 else None,
+        **_statements(s, window, missing),
+        "connections_by_state": states,
+        "connections": connections_total,
+        "connections_max": s.connections_max,
+        "connection_utilisation": (
+            connections_total / s.connections_max if connections_total is not None and s.connections_max else None
+        ),
+        "replication_lag_seconds": {
+            standby: {"mean": statistics.fmean(v), "max": max(v)} for standby, v in s.lag_samples.items()
+        },
+        "standby_replay_lag_seconds": (
+            {"mean": statistics.fmean(s.standby_lag_samples), "max": max(s.standby_lag_samples)}
+            if s.standby_lag_samples
+            else None
+        ),
+        "database_size_bytes": value_of(s.collectors["size"].collect(s.ctx), size.DATABASE_SIZE),
+        "table_rows_estimate": _rows(config, s, missing),
+    }
+
+
+def _probe_doc(thresholds: Thresholds, runs: _ProbeRuns, missing: list[str]) -> dict[str, Any]:
+    """Latency as the live side estimates it: histogram_quantile() over the successful runs' buckets."""
+    probe, ok = runs.probe, runs.durations
+    counts = cumulative_buckets(ok)
+    k = runs_per_window(thresholds, probe)
+    if 0 < len(ok) < thresholds.probe_min_runs:
+        missing.append(
+            f"probe {probe.name}: only {len(ok)} successful runs (thresholds.probe_min_runs is "
+            f"{thresholds.probe_min_runs:g}): a longer --duration gives a steadier p95"
+        )
+    return {
+        "target": probe.target,
+        "interval_seconds": probe.interval_seconds,
+        "runs": runs.runs,
+        "successful_runs": len(ok),
+        "success_ratio": len(ok) / runs.runs if runs.runs else None,
+        "latency_buckets": {"upper_bounds_seconds": list(PROBE_BUCKETS), "cumulative_counts": counts},
+        "p50_seconds": probe_quantile(0.50, counts),
+        "p95_seconds": probe_quantile(0.95, counts),
+        "window_runs": k,
+        "p95_window_max_seconds": window_p95_max(ok, k),
     }
 
 
@@ -334,36 +502,45 @@ def query_prometheus(base_url: str, query: str, timeout: float = 10.0) -> float:
     return float(result[0]["value"][1])
 
 
+def _fmt(v: float | None, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+    return "not captured" if v is None else f"{v * scale:.{digits}f}{unit}"
+
+
+def _target_rows(name: str, t: dict[str, Any]) -> list[tuple[str, str]]:
+    of_max = f" of {t['connections_max']:.0f}" if t["connections_max"] else ""
+    rows = [
+        (f"{name} tps", _fmt(t["tps"], "/s", digits=2)),
+        (f"{name} transactions", _fmt(t.get("transactions"), digits=0)),
+        (f"{name} error ratio", _fmt(t["error_ratio"], "%", 100, 2)),
+        (f"{name} statement calls", _fmt(t.get("statement_calls"), digits=0)),
+        (f"{name} mean statement latency", _fmt(t["statement_latency_seconds"], " ms", 1000)),
+        (f"{name} statement latency stddev", _fmt(t.get("statement_latency_stddev_seconds"), " ms", 1000)),
+        (f"{name} connections", _fmt(t["connections"], of_max, digits=1)),
+        (f"{name} database size", _fmt(t["database_size_bytes"], " MB", 1e-6, 1)),
+    ]
+    for standby, lag in t["replication_lag_seconds"].items():
+        rows.append((f"{name} lag of {standby} (max)", _fmt(lag.get("max"), " s")))
+    for table, n in t["table_rows_estimate"].items():
+        rows.append((f"{name} rows in {table} (estimate)", _fmt(n, digits=0)))
+    return rows
+
+
 def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    """What the command prints after capturing: (what, value) pairs."""
-
-    def fmt(v: float | None, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
-        return "not captured" if v is None else f"{v * scale:.{digits}f}{unit}"
-
+    """What the command prints after capturing (and show-baseline): (what, value) pairs."""
     rows = [("window", f"{doc['window_seconds']:.1f}s")]
     for name, t in doc["targets"].items():
-        rows += [
-            (f"{name} tps", fmt(t["tps"], "/s", digits=2)),
-            (f"{name} error ratio", fmt(t["error_ratio"], "%", 100, 2)),
-            (f"{name} mean statement latency", fmt(t["statement_latency_seconds"], " ms", 1000)),
-            (
-                f"{name} connections",
-                fmt(t["connections"], f" of {t['connections_max']:.0f}" if t["connections_max"] else "", digits=1),
-            ),
-            (f"{name} database size", fmt(t["database_size_bytes"], " MB", 1e-6, 1)),
-        ]
-        for standby, lag in t["replication_lag_seconds"].items():
-            rows.append((f"{name} lag of {standby} (max)", fmt(lag["max"], " s")))
-        for table, n in t["table_rows_estimate"].items():
-            rows.append((f"{name} rows in {table} (estimate)", fmt(n, digits=0)))
+        rows += _target_rows(name, t)
     for name, p in doc["probes"].items():
-        rows.append(
+        p50, p95 = _fmt(p["p50_seconds"], " ms", 1000, 2), _fmt(p["p95_seconds"], " ms", 1000, 2)
+        window = p.get("window_runs")
+        rows += [
+            (f"probe {name} p50 / p95", f"{p50} / {p95}"),
             (
-                f"probe {name} p50 / p95",
-                f"{fmt(p['p50_seconds'], ' ms', 1000, 1)} / {fmt(p['p95_seconds'], ' ms', 1000, 1)}",
-            )
-        )
-        rows.append((f"probe {name} success", fmt(p["success_ratio"], "%", 100, 1)))
-    for key, v in doc.get("slis", {}).items():
-        rows.append((f"sli {key}", fmt(v)))
+                f"probe {name} highest p95 of {window:.0f} runs" if window else f"probe {name} highest windowed p95",
+                _fmt(p.get("p95_window_max_seconds"), " ms", 1000, 2),
+            ),
+            (f"probe {name} success", _fmt(p["success_ratio"], "%", 100, 1) + f" of {p['runs'] or 0:.0f} runs"),
+        ]
+    for key, v in (doc.get("slis") or {}).items():
+        rows.append((f"sli {key}", _fmt(v)))
     return rows

@@ -1,13 +1,22 @@
 """The baseline file: a versioned JSON document, written atomically, checked field by field on reading.
 
 Every value a reader will serve is checked here, so a truncated or hand-edited file is one clear line
-("baseline.json: targets.primary.tps: expected a non-negative number, got 'fast'"), never a crash.
+("baseline.json: targets.primary.tps: expected a non-negative number, got 'fast'"), never a crash. Any
+bytes at all end as a `Baseline` or one `BaselineError`: binary garbage, text that is not UTF-8,
+`1e400` (infinite as a float), `NaN`, nesting deep enough to exhaust the parser, integers too large for
+a float, lone surrogates that would break the UTF-8 of the /metrics page, and wrong types anywhere.
+What `read_baseline` returns holds only checked values, every known key present (None if absent).
+
+Version 2: probe latencies are PromQL's histogram_quantile() over the probe buckets (version 1 had
+exact quantiles, which the live p95 cannot be compared with), and the document keeps those buckets.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +24,39 @@ from typing import Any
 from migexport.state import write_atomic
 
 FORMAT = "migexport-baseline"
-VERSION = 1
+VERSION = 2
+
+# A baseline is a few kilobytes (27 bucket counts per probe); anything much larger is not ours, and
+# `serve` must not read a gigabyte when someone points it at the wrong file.
+MAX_BASELINE_BYTES = 4 * 1024 * 1024
+MAX_TEXT = 200  # names and ids: they become label values
+
+TARGET_NUMBERS = (
+    "server_version_num",
+    "tps",
+    "commits",
+    "rollbacks",
+    "transactions",
+    "error_ratio",
+    "statement_latency_seconds",
+    "statement_latency_stddev_seconds",
+    "statement_calls",
+    "statement_calls_per_second",
+    "connections",
+    "connections_max",
+    "connection_utilisation",
+    "database_size_bytes",
+)
+PROBE_NUMBERS = (
+    "runs",
+    "successful_runs",
+    "success_ratio",
+    "p50_seconds",
+    "p95_seconds",
+    "interval_seconds",
+    "window_runs",
+    "p95_window_max_seconds",
+)
 
 
 class BaselineError(ValueError):
@@ -25,24 +66,170 @@ class BaselineError(ValueError):
 def write_baseline(path: Path, doc: dict[str, Any], force: bool) -> None:
     if path.exists() and not force:
         raise BaselineError(f"{path} exists; use --force to replace it")
-    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    # allow_nan=False: a NaN or an infinity written here would be refused on reading.
+    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def _number(raw: Any, where: str, optional: bool = True) -> float | None:
-    if raw is None and optional:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw) or raw < 0:
-        raise BaselineError(f"{where}: expected a non-negative number, got {raw!r}")
-    return float(raw)
+class _Refused(ValueError):
+    """Raised by the JSON hooks for a value no baseline can hold."""
 
 
-def _object(raw: Any, where: str) -> list[tuple[str, Any]]:
-    """The items of an optional JSON object (absent or null: none)."""
+def _reject_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a number a baseline can hold")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"{text[:20]} is out of range")
+    return value
+
+
+def _small_int(text: str) -> int:
+    # 20 digits are beyond any count or byte size; longer ones would only overflow float() later.
+    if len(text.lstrip("-")) > 20:
+        raise _Refused(f"integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+def _parse(path: Path, data: bytes) -> Any:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BaselineError(f"{path}: not UTF-8 text (byte {exc.start}): not a migexport baseline file") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_small_int)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"{path}: not valid JSON (truncated or edited?) at line {exc.lineno}: {exc.msg}") from None
+    except ValueError as exc:  # _Refused, and the interpreter's own limit on integer digits
+        raise BaselineError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BaselineError(f"{path}: not a migexport baseline file (nested too deeply)") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block every scrape, a directory cannot be read
+            raise BaselineError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_BASELINE_BYTES + 1)
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: no such baseline file (run 'migexport baseline')") from None
+    except OSError as exc:
+        raise BaselineError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_BASELINE_BYTES:
+        raise BaselineError(f"{path}: larger than {MAX_BASELINE_BYTES} bytes: not a migexport baseline file")
+    return data
+
+
+class _Check:
+    """Typed access to the decoded document; every problem names the file and the field."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def bad(self, where: str, why: str) -> BaselineError:
+        return BaselineError(f"{self.path}: {where}: {why}")
+
+    def number(self, raw: Any, where: str, optional: bool = True) -> float | None:
+        if raw is None and optional:
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise self.bad(where, f"expected a non-negative number, got {_show(raw)}")
+        value = float(raw)  # finite and in range: the JSON hooks refused the rest
+        if value < 0:
+            raise self.bad(where, f"expected a non-negative number, got {_show(raw)}")
+        return value
+
+    def text(self, raw: Any, where: str) -> str:
+        if not isinstance(raw, str) or not raw or len(raw) > MAX_TEXT or not _printable(raw):
+            raise self.bad(where, f"expected a printable name of at most {MAX_TEXT} characters, got {_show(raw)}")
+        return raw
+
+    def items(self, raw: Any, where: str) -> list[tuple[str, Any]]:
+        """The items of an optional JSON object (absent or null: none), keys checked as names."""
+        if raw is None:
+            return []
+        if not isinstance(raw, dict):
+            raise self.bad(where, f"expected an object, got {type(raw).__name__}")
+        return [(self.text(k, f"{where} key"), v) for k, v in raw.items()]
+
+    def numbers(self, raw: Any, where: str) -> dict[str, float | None]:
+        return {k: self.number(v, f"{where}.{k}") for k, v in self.items(raw, where)}
+
+    def lines(self, raw: Any, where: str) -> list[str]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or not all(isinstance(m, str) and _printable(m) for m in raw):
+            raise self.bad(where, "expected a list of text lines")
+        return list(raw)
+
+
+def _printable(text: str) -> bool:
+    """Printable, and encodable: a lone surrogate ("\\ud800") would fail the UTF-8 of the whole page."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return text.isprintable()
+
+
+def _show(raw: Any) -> str:
+    """A short, safe rendering of a bad value for the one-line message."""
+    if isinstance(raw, dict | list):
+        return type(raw).__name__
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _lag(c: _Check, raw: Any, where: str) -> dict[str, float | None] | None:
     if raw is None:
-        return []
+        return None
     if not isinstance(raw, dict):
-        raise BaselineError(f"{where}: expected an object, got {type(raw).__name__}")
-    return list(raw.items())
+        raise c.bad(where, f"expected an object, got {type(raw).__name__}")
+    return {k: c.number(raw.get(k), f"{where}.{k}") for k in ("mean", "max")}
+
+
+def _target(c: _Check, raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise c.bad(where, "must be an object")
+    in_recovery = raw.get("in_recovery")
+    if in_recovery is not None and not isinstance(in_recovery, bool):
+        raise c.bad(f"{where}.in_recovery", f"expected true or false, got {_show(in_recovery)}")
+    t: dict[str, Any] = {key: c.number(raw.get(key), f"{where}.{key}") for key in TARGET_NUMBERS}
+    t["in_recovery"] = in_recovery
+    t["connections_by_state"] = c.numbers(raw.get("connections_by_state"), f"{where}.connections_by_state")
+    lags = c.items(raw.get("replication_lag_seconds"), f"{where}.replication_lag_seconds")
+    t["replication_lag_seconds"] = {s: _lag(c, v, f"{where}.replication_lag_seconds.{s}") or {} for s, v in lags}
+    t["standby_replay_lag_seconds"] = _lag(c, raw.get("standby_replay_lag_seconds"), f"{where}.standby_replay_lag")
+    t["table_rows_estimate"] = c.numbers(raw.get("table_rows_estimate"), f"{where}.table_rows_estimate")
+    return t
+
+
+def _histogram(c: _Check, raw: Any, where: str) -> dict[str, list[float]] | None:
+    """Finite upper bounds, strictly increasing; cumulative counts, one per bound and one for +Inf."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise c.bad(where, f"expected an object, got {type(raw).__name__}")
+    bounds, counts = raw.get("upper_bounds_seconds"), raw.get("cumulative_counts")
+    if not isinstance(bounds, list) or not isinstance(counts, list) or len(counts) != len(bounds) + 1:
+        raise c.bad(where, "expected upper_bounds_seconds and cumulative_counts (one more, for +Inf)")
+    b = [c.number(v, f"{where}.upper_bounds_seconds", optional=False) for v in bounds]
+    n = [c.number(v, f"{where}.cumulative_counts", optional=False) for v in counts]
+    if any(x >= y for x, y in itertools.pairwise(b)) or any(x > y for x, y in itertools.pairwise(n)):  # type: ignore[operator]
+        raise c.bad(where, "bounds must increase and counts must not decrease")
+    return {"upper_bounds_seconds": b, "cumulative_counts": n}  # type: ignore[dict-item]
+
+
+def _probe(c: _Check, raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise c.bad(where, "must be an object")
+    p: dict[str, Any] = {key: c.number(raw.get(key), f"{where}.{key}") for key in PROBE_NUMBERS}
+    p["target"] = c.text(raw.get("target"), f"{where}.target")
+    p["latency_buckets"] = _histogram(c, raw.get("latency_buckets"), f"{where}.latency_buckets")
+    return p
 
 
 @dataclass(frozen=True)
@@ -54,63 +241,46 @@ class Baseline:
     probes: dict[str, dict[str, Any]]
     slis: dict[str, float | None]
     missing: tuple[str, ...]
+    failures: tuple[str, ...] = ()
+
+    def doc(self) -> dict[str, Any]:
+        """The checked document, every known key present: what `show-baseline` prints."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "migration_id": self.migration_id,
+            "captured_at": self.captured_at,
+            "window_seconds": self.window_seconds,
+            "targets": self.targets,
+            "probes": self.probes,
+            "slis": self.slis,
+            "missing": list(self.missing),
+            "failures": list(self.failures),
+        }
 
 
 def read_baseline(path: Path) -> Baseline:
-    """Load and check a baseline file; every problem is one line naming the file and the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BaselineError(f"{path}: no such baseline file (run 'migexport baseline')") from None
-    except OSError as exc:
-        raise BaselineError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BaselineError(f"{path}: not valid JSON (truncated or edited?) at line {exc.lineno}: {exc.msg}") from None
+    """Load and check a baseline file; every problem is one BaselineError line naming the file and the field."""
+    raw = _parse(path, _read_bytes(path))
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BaselineError(f"{path}: not a migexport baseline file (format field missing)")
-    if raw.get("version") != VERSION:
-        raise BaselineError(f"{path}: baseline version {raw.get('version')!r} is not supported (expected {VERSION})")
+    version = raw.get("version")
+    if version != VERSION or isinstance(version, bool):
+        again = " (capture it again with 'migexport baseline')" if version == 1 else ""
+        raise BaselineError(f"{path}: baseline version {_show(version)} is not supported (expected {VERSION}){again}")
     for key in ("migration_id", "captured_at", "window_seconds", "targets", "probes"):
         if key not in raw:
             raise BaselineError(f"{path}: field {key!r} is missing")
-    where = str(path)
-    captured = _number(raw["captured_at"], f"{where}: captured_at", optional=False)
-    window = _number(raw["window_seconds"], f"{where}: window_seconds", optional=False)
+    c = _Check(path)
     if not isinstance(raw["targets"], dict) or not isinstance(raw["probes"], dict):
         raise BaselineError(f"{path}: targets and probes must be objects")
-    for name, t in raw["targets"].items():
-        if not isinstance(t, dict):
-            raise BaselineError(f"{path}: targets.{name} must be an object")
-        for key in (
-            "tps",
-            "error_ratio",
-            "statement_latency_seconds",
-            "connections",
-            "connection_utilisation",
-            "database_size_bytes",
-        ):
-            _number(t.get(key), f"{where}: targets.{name}.{key}")
-        for standby, lag in _object(
-            t.get("replication_lag_seconds"), f"{where}: targets.{name}.replication_lag_seconds"
-        ):
-            _object(lag, f"{where}: targets.{name}.replication_lag_seconds.{standby}")
-            _number(lag.get("max"), f"{where}: targets.{name}.replication_lag_seconds.{standby}.max")
-        for table, rows in _object(t.get("table_rows_estimate"), f"{where}: targets.{name}.table_rows_estimate"):
-            _number(rows, f"{where}: targets.{name}.table_rows_estimate.{table}")
-    for name, p in raw["probes"].items():
-        if not isinstance(p, dict):
-            raise BaselineError(f"{path}: probes.{name} must be an object")
-        for key in ("p50_seconds", "p95_seconds", "success_ratio"):
-            _number(p.get(key), f"{where}: probes.{name}.{key}")
-    slis = dict(_object(raw.get("slis"), f"{where}: slis"))
     return Baseline(
-        migration_id=str(raw["migration_id"]),
-        captured_at=captured,  # type: ignore[arg-type]
-        window_seconds=window,  # type: ignore[arg-type]
-        targets=raw["targets"],
-        probes=raw["probes"],
-        slis={k: _number(v, f"{where}: slis.{k}") for k, v in slis.items()},
-        missing=tuple(str(m) for m in raw.get("missing", [])),
+        migration_id=c.text(raw["migration_id"], "migration_id"),
+        captured_at=c.number(raw["captured_at"], "captured_at", optional=False),  # type: ignore[arg-type]
+        window_seconds=c.number(raw["window_seconds"], "window_seconds", optional=False),  # type: ignore[arg-type]
+        targets={name: _target(c, t, f"targets.{name}") for name, t in c.items(raw["targets"], "targets")},
+        probes={name: _probe(c, p, f"probes.{name}") for name, p in c.items(raw["probes"], "probes")},
+        slis=c.numbers(raw.get("slis"), "slis"),
+        missing=tuple(c.lines(raw.get("missing"), "missing")),
+        failures=tuple(c.lines(raw.get("failures"), "failures")),
     )

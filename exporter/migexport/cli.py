@@ -6,7 +6,6 @@ Every error a user can cause ends as one line on stderr and a non-zero exit, nev
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,13 +16,13 @@ from pathlib import Path
 import click
 
 from migexport import __version__
+from migexport.baseline import BaselineIncomplete, summary_rows
 from migexport.baseline import capture as capture_baseline
-from migexport.baseline import summary_rows
 from migexport.baseline_file import BaselineError, read_baseline, write_baseline
 from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, Thresholds, load_config
 from migexport.dsn import TargetError, parse_targets, redact
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, render
-from migexport.run import RunError, run_migration
+from migexport.run import RunError, ServerSide, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
 from migexport.state import write_atomic
 from migexport.targets import SessionSettings
@@ -175,8 +174,17 @@ def init(path: str, force: bool) -> None:
 @click.option("--duration", default="5m", show_default=True, help="How long to sample.")
 @click.option("--output", "-o", metavar="FILE", help="Baseline file to write.  [default: the config's baseline_file]")
 @click.option("--force", is_flag=True, help="Replace an existing baseline file.")
-def baseline(config_path: str | None, duration: str, output: str | None, force: bool) -> None:
-    """Sample the targets for a window before the migration and record the baseline."""
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Write the file even if a target is not reachable or a probe never succeeds (their alerts stay disarmed).",
+)
+def baseline(config_path: str | None, duration: str, output: str | None, force: bool, allow_partial: bool) -> None:
+    """Sample the targets for a window before the migration and record the baseline.
+
+    Exit 1, and nothing written, when a target cannot be reached or a probe never succeeds (each is
+    named, with the fix); every target and probe is tried once before the window starts.
+    """
     config = _load_config(config_path)
     if config is None:
         raise UserError("baseline needs --config FILE (targets, probes, the migration's id and tables)")
@@ -191,8 +199,14 @@ def baseline(config_path: str | None, duration: str, output: str | None, force: 
             def progress(fraction: float) -> None:
                 bar.update(round(fraction * 1000) - bar.pos)
 
-            doc = capture_baseline(config, seconds, progress)
+            doc = capture_baseline(config, seconds, progress, allow_partial=allow_partial)
         write_baseline(out, doc, force=force)
+    except BaselineIncomplete as exc:
+        # Not a usage error (exit 2): the command ran and found the databases not ready for it.
+        for problem in exc.problems:
+            click.echo(f"migexport: error: {redact(problem)}", err=True)
+        click.echo(f"migexport: error: {out} not written (--allow-partial writes what can be captured)", err=True)
+        sys.exit(1)
     except BaselineError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
@@ -206,8 +220,10 @@ def _print_baseline(doc: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for key, val in rows:
         click.echo(f"  {key:<{width}}  {val}")
-    for missing in doc.get("missing", []):
-        click.echo(f"  not captured: {missing}")
+    for missing in doc.get("missing") or []:
+        click.echo(f"  not captured: {redact(missing)}")
+    for failure in doc.get("failures") or []:
+        click.echo(f"  MISSING (written with --allow-partial; its alerts are disarmed): {redact(failure)}")
 
 
 @cli.command()
@@ -243,14 +259,12 @@ def rules(config_path: str | None, output_format: str, runbook_base_url: str, ou
 def show_baseline(path: str) -> None:
     """Check a baseline file and print what it holds."""
     try:
-        read_baseline(Path(path))
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        rows_ok = summary_rows(doc)
+        # The checked document, not the raw JSON: whatever the file holds, this prints or is one line.
+        doc = read_baseline(Path(path)).doc()
     except BaselineError as exc:
         raise UserError(str(exc)) from None
-    except (KeyError, TypeError) as exc:
-        raise UserError(f"{path}: field {exc} is missing or of the wrong type") from None
-    click.echo(f"baseline for migration {doc['migration_id']} in {path} ({len(rows_ok)} values)")
+    rows = summary_rows(doc)
+    click.echo(f"baseline for migration {doc['migration_id']} in {path} ({len(rows)} values)")
     _print_baseline(doc)
 
 
@@ -261,6 +275,12 @@ def show_baseline(path: str) -> None:
 @click.option("--log-file", metavar="FILE", help="Append to this log.  [default: the config's, migration.log]")
 @click.option("--state-file", metavar="FILE", help="Publish state here.  [default: the config's]")
 @click.option("--id", "migration_id", help="Migration id.  [default: the config's]")
+@click.option(
+    "--control-dsn",
+    metavar="SOURCE",
+    help="How to reach the server to end the migration's sessions at the time limit or on a signal: a libpq "
+    "DSN or URI, env:VAR or file:PATH.  [default: the config's migration.control_dsn, else the PG* environment]",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def run(
     config_path: str | None,
@@ -269,11 +289,15 @@ def run(
     log_file: str | None,
     state_file: str | None,
     migration_id: str | None,
+    control_dsn: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run the migration command: log, time limit, signals, exit status, state for 'serve'.
 
-    Example: migexport run -c migexport.yml -- npm run migrate:production
+    At the time limit or on SIGINT/SIGTERM it also ends the migration's sessions on the server
+    (application_name migration.session_application_name, or migration.role).
+
+    Example: PGAPPNAME=migration migexport run -c migexport.yml -- npm run migrate:production
     """
     config = _load_config(config_path)
     # Without a file: the migration section's defaults (30 min budget, files in this directory).
@@ -287,6 +311,11 @@ def run(
             watch_window_seconds=_duration("--watch-window", watch_window) if watch_window else m.watch_window_seconds,
             log_path=Path(log_file) if log_file else resolve(m.log_file),
             state_path=Path(state_file) if state_file else resolve(m.state_file),
+            server=ServerSide(
+                application_name=m.session_application_name,
+                role=m.role,
+                control_dsn=m.control_dsn if control_dsn is None else control_dsn,
+            ),
         )
     except RunError as exc:
         click.echo(f"migexport: error: {exc}", err=True)

@@ -76,7 +76,15 @@ class Exporter:
         self.state_source = MigrationStateSource(settings.state_path, migration.id, migration.time_budget_seconds)
         sources: list[Source] = [self.state_source]
         if settings.baseline_path is not None:
-            sources.append(BaselineSource(settings.baseline_path, migration.id, settings.baseline_max_age_seconds))
+            sources.append(
+                BaselineSource(
+                    settings.baseline_path,
+                    self.state_source.current_migration_id,
+                    settings.baseline_max_age_seconds,
+                    expected_targets=tuple(t.name for t in settings.targets),
+                    expected_probes=tuple((p.target, p.name) for p in settings.probes),
+                )
+            )
         self.collector = MigexportCollector(
             settings.targets,
             settings.session,
