@@ -3,7 +3,9 @@
 The file is built with the keys `migexport baseline` writes, served by a real exporter (its target
 is the session's primary), and read back from /metrics: every value, nulls left out, a missing,
 truncated or hand-broken file reported as not loaded without failing the scrape, re-read once fixed
-without a restart, and a baseline older than the maximum age reported stale.
+without a restart, a baseline older than the maximum age reported stale, every gauge labelled with
+the migration watched now (whatever id the file was captured under), and each value the configured
+targets' and probes' alerts need but the file lacks reported as missing.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from conftest import Metrics, monitor_dsn, scrape, value
+from conftest import Metrics, monitor_dsn, scrape, series, value
 from migexport.baseline_file import BaselineError, write_baseline
-from migexport.config import Migration
+from migexport.config import Migration, Probe
 from migexport.dsn import Target
 from migexport.service import Exporter
+from migexport.state import RUNNING, MigrationState, write_state
 
 MIGRATION = "m1"
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -324,3 +327,79 @@ def test_write_baseline_never_overwrites_without_force(tmp_path):
     assert path.read_bytes() != before
     assert b"999.0" in path.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["baseline.json"]  # no temporary file left behind
+
+
+# -- identity: the migration watched now -------------------------------------------------------------------
+def warnings_about_ids(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "was captured for migration" in r.getMessage()]
+
+
+def test_gauges_carry_the_watched_migrations_id_whatever_the_baseline_was_captured_under(serve, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="migexport")
+    path = tmp_path / "baseline.json"
+    doc = make_doc()
+    doc["migration_id"] = "captured-yesterday"
+    write_baseline(path, doc, force=False)
+    exporter = serve(path)
+
+    def ids(m: Metrics) -> set[str]:
+        return {dict(labels)["migration_id"] for name, labels in baseline_series(m)}
+
+    for _ in range(3):
+        m = scrape(exporter.url)
+        # Labelled with the migration the alerts watch (no state file yet: the config's id), so they join.
+        assert ids(m) == {MIGRATION}
+        info = {"migration_id": MIGRATION, "baseline_migration_id": "captured-yesterday"}
+        assert value(m, "migexport_baseline_info", **info) == 1
+    assert len(warnings_about_ids(caplog)) == 1, warnings_about_ids(caplog)
+
+    # `migexport run` starts another migration: the same baseline now arms that one's alerts.
+    write_state(tmp_path / "state.json", MigrationState("hotfix-7", RUNNING, time.time(), 1800, 3600, pid=os.getpid()))
+    for _ in range(3):
+        m = scrape(exporter.url)
+        assert ids(m) == {"hotfix-7"}
+        assert value(m, "migexport_baseline_tps", target="primary", migration_id="hotfix-7") == 123.5
+    assert len(warnings_about_ids(caplog)) == 2, warnings_about_ids(caplog)  # once per change
+    assert "'captured-yesterday'" in warnings_about_ids(caplog)[1] and "'hotfix-7'" in warnings_about_ids(caplog)[1]
+
+    # Captured under the id it is used for: no warning.
+    doc["migration_id"] = "hotfix-7"
+    write_baseline(path, doc, force=True)
+    m = scrape(exporter.url)
+    assert value(m, "migexport_baseline_info", migration_id="hotfix-7", baseline_migration_id="hotfix-7") == 1
+    scrape(exporter.url)
+    assert len(warnings_about_ids(caplog)) == 2
+
+
+# -- holes: what the configured alerts need and the file lacks ----------------------------------------------
+def test_each_value_an_alert_needs_and_the_file_lacks_is_missing(pg, tmp_path, start_exporter):
+    path = tmp_path / "baseline.json"
+    doc = make_doc()
+    doc["targets"]["primary"]["error_ratio"] = None  # e.g. a quiet database: no transactions in the window
+    doc["probes"]["elsewhere"] = {**doc["probes"]["recent_orders"], "target": "replica1"}
+    write_baseline(path, doc, force=False)
+    probes = (
+        Probe("recent_orders", "SELECT 1", "primary", interval_seconds=60),  # in the file: no hole
+        Probe("not_in_file", "SELECT 1", "primary", interval_seconds=60),
+        Probe("elsewhere", "SELECT 1", "primary", interval_seconds=60),  # the file's is another target's
+    )
+    exporter = start_exporter(
+        Target("primary", monitor_dsn(pg.primary)),
+        Target("replica1", monitor_dsn(pg.replicas[0])),  # not in the file at all
+        migration=Migration(id=MIGRATION),
+        state_path=tmp_path / "state.json",
+        baseline_path=path,
+        probes=probes,
+    )
+    m = scrape(exporter.url)
+    holes = {(d["target"], d["probe"], d["value"]) for d in map(dict, series(m, "migexport_baseline_missing"))}
+    assert holes == {
+        ("primary", "", "error_ratio"),
+        ("replica1", "", "tps"),
+        ("replica1", "", "error_ratio"),
+        ("replica1", "", "statement_latency"),
+        ("primary", "not_in_file", "p95"),
+        ("primary", "elsewhere", "p95"),
+    }
+    expected = expected_series(doc, ("primary", "replica1"), tuple((p.target, p.name) for p in probes))
+    assert baseline_series(m) == expected
