@@ -229,6 +229,36 @@ def test_probe_statements_stay_out_of_the_statement_counters(pg, fresh_db, serve
     assert marked >= 10
 
 
+def test_a_failing_probe_does_not_move_the_error_ratio_it_watches(pg, fresh_db, serve, caplog):
+    caplog.set_level(logging.WARNING, logger="migexport")
+    with pg.primary.connect(dbname=fresh_db) as conn:
+        conn.execute("CREATE TABLE secret_orders (id int)")  # the monitor role may not read it
+    probes = (
+        Probe("secret", "SELECT count(*) FROM secret_orders", "app", interval_seconds=0.1),
+        Probe("fine", "SELECT 1", "app", interval_seconds=0.1),
+    )
+    exporter = serve(Target("app", monitor_dsn(pg.primary, fresh_db)), probes=probes)
+    wait_for(lambda: failure_logged(caplog, "probe secret on app") is not None, what="the probe to fail")
+    before = scrape(exporter.url)
+
+    def server_rollbacks() -> int:
+        with pg.primary.connect() as conn:
+            return conn.execute(
+                "SELECT xact_rollback FROM pg_stat_database WHERE datname = %s", (fresh_db,)
+            ).fetchone()[0]
+
+    at_start = server_rollbacks()
+    wait_for(lambda: server_rollbacks() >= at_start + 10, what="10 rolled-back probe runs on the server")
+    after = scrape(exporter.url)
+
+    def delta(name: str) -> float:
+        return value(after, name, target="app") - value(before, name, target="app")
+
+    # The server counted every failed run as a rollback; the exporter's counters leave its own out.
+    assert delta("migexport_xact_rollback_total") == 0
+    assert delta("migexport_xact_commit_total") <= 2  # autovacuum only, not the successful probe's runs
+
+
 def test_all_probes_of_a_target_share_one_connection(pg, fresh_db, serve):
     probes = tuple(
         Probe(f"p{i}", f"SELECT {i}, pg_sleep(0.01)", "app", interval_seconds=0.1, timeout_seconds=1) for i in range(3)

@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from migexport.collectors.base import MARKER
 from migexport.config import App, Probe
 from migexport.dsn import Target, password_of, redact
+from migexport.own import OwnTransactions, SessionLedger
 from migexport.targets import SessionSettings, connect
 
 log = logging.getLogger(__name__)
@@ -304,11 +305,15 @@ class ProbeRunner:
         apps: tuple[App, ...],
         metrics: ProbeMetrics,
         session: SessionSettings,
+        own: Mapping[str, OwnTransactions] | None = None,
     ) -> None:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.metrics = metrics
         self.session = session
+        # Per target, the exporter's own transactions, which its xact counters leave out: each probe run
+        # is one (a failing probe's a rollback), and they must not move the error ratio they watch.
+        self.own = own or {}
         by_target: dict[str, list[Probe]] = {}
         for probe in probes:
             by_target.setdefault(probe.target, []).append(probe)
@@ -344,6 +349,7 @@ class ProbeRunner:
     def _probe_loop(self, target: Target, probes: list[Probe]) -> None:
         schedules = [(_Every(p.interval_seconds), p) for p in probes]
         conn: psycopg.Connection | None = None
+        ledger: SessionLedger | None = None
         changes = _Changes()
         succeeded: set[str] = set()  # probes with a successful run since the exporter started
         while not self._stop.is_set():
@@ -353,14 +359,22 @@ class ProbeRunner:
                 try:
                     if conn is None or conn.closed or conn.broken:
                         conn = connect(target, self.session)
+                        ledger = self._ledger(target, conn)
                     result = run_probe(conn, probe)
+                    if ledger is not None:
+                        ledger.record(ok=result.ok)
+                        ledger.flush(conn, MARKER)  # published now, so subtracted from the next scrape on
                 except psycopg.Error as exc:
-                    conn = None
+                    conn, ledger = None, None
                     result = ProbeResult(False, 0.0, str(exc).strip().splitlines()[0], exc.sqlstate or "")
                 self._record(target, probe, result, _role_of(conn), changes, succeeded)
             self._stop.wait(0.05)
         if conn is not None:
             conn.close()
+
+    def _ledger(self, target: Target, conn: psycopg.Connection) -> SessionLedger | None:
+        own = self.own.get(target.name)
+        return SessionLedger(own, conn.info.server_version) if own is not None else None
 
     def _record(
         self, target: Target, probe: Probe, result: ProbeResult, role: str, changes: _Changes, succeeded: set[str]

@@ -101,6 +101,7 @@ class Exporter:
                 settings.apps,
                 ProbeMetrics(self.registry),
                 settings.session,
+                own={w.name: w.own for w in self.collector.workers},
             )
         self.server: MetricsServer | None = None
 
