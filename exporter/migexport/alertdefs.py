@@ -52,7 +52,7 @@ class Alert:
         }
 
 
-def baseline_value(metric: str, fmt_: str, extra: str = "") -> str:
+def baseline_value(metric: str, fmt_: str, extra: str = "", missing: str = "(not in the baseline)") -> str:
     """A template that reads the alert's own baseline value from Prometheus (`query`), e.g. to say
     "2.4 %, against 2.0 % in the baseline"; `extra` adds label matchers such as the probe."""
     selector = metric + '{job="%s",instance="%s",target="%s",migration_id="%s"' + extra + "}"
@@ -61,7 +61,7 @@ def baseline_value(metric: str, fmt_: str, extra: str = "") -> str:
         args += " $labels.probe"
     return (
         "{{ with printf `" + selector + "` " + args + " | query }}{{ . | first | value | " + fmt_ + " }}"
-        "{{ else }}(not in the baseline){{ end }}"
+        "{{ else }}" + missing + "{{ end }}"
     )
 
 
@@ -81,12 +81,13 @@ def _immediate(t: Thresholds) -> list[Alert]:
     """The checklist's "Immediate rollback if" lines."""
     critical_for = duration(t.critical_for_seconds)
     # A probe that never worked cannot say the migration broke it: no rollback page for it, a warning
-    # of its own instead. "Never worked": failed all through the baseline, or (without a baseline entry)
-    # never succeeded since the exporter started.
+    # of its own instead. "Never worked": failed all through the baseline and not since, or (without a
+    # baseline entry) never succeeded since the exporter started. Over the last hour, so that an
+    # exporter restart does not turn a broken query's page into a warning.
+    ever = "max_over_time(migexport_probe_ever_succeeded[1h])"
     never_worked = (
-        "(migexport_baseline_probe_success_ratio == 0)\n"
-        f"  or (migexport_probe_ever_succeeded == 0 unless on({JOIN}, target, probe) "
-        "migexport_baseline_probe_success_ratio > 0)"
+        f"(migexport_baseline_probe_success_ratio == 0 unless on({JOIN}, target, probe) {ever} == 1)\n"
+        f"  or ({ever} == 0 unless on({JOIN}, target, probe) migexport_baseline_probe_success_ratio > 0)"
     )
     return [
         Alert(
@@ -123,7 +124,8 @@ def _immediate(t: Thresholds) -> list[Alert]:
             "A key business query fails during the migration: roll back.",
             "Probe {{ $labels.probe }} on {{ $labels.target }} has failed for "
             + critical_for
-            + " during migration {{ $labels.migration_id }}; it succeeded in the baseline.",
+            + " during migration {{ $labels.migration_id }}; it worked before (in the baseline or since the "
+            "exporter started).",
             f"`migexport_probe_success == 0` for {critical_for}, for a probe that worked in the baseline",
             "Immediate rollback if: critical functionality broken",
         ),
@@ -186,7 +188,12 @@ def _relative(t: Thresholds) -> list[Alert]:
                 "migexport_baseline_probe_latency_seconds", "humanizeDuration", ',probe="%s",quantile="0.95"'
             )
             + " in the baseline (highest at rest: "
-            + baseline_value("migexport_baseline_probe_latency_window_max_seconds", "humanizeDuration", ',probe="%s"')
+            + baseline_value(
+                "migexport_baseline_probe_latency_window_max_seconds",
+                "humanizeDuration",
+                ',probe="%s"',
+                "none recorded",
+            )
             + "){{ else }}{{ $labels.target }}: mean statement latency is {{ $value | humanizeDuration }} over "
             "the last "
             + window
