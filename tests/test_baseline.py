@@ -186,3 +186,17 @@ def test_unreachable_prometheus_is_reported_as_not_captured(pg, baseline_db, tmp
     assert proc.returncode == 0, proc.stderr
     assert "not captured: sli error_ratio" in proc.stdout
     assert read_baseline(tmp_path / "baseline.json").slis == {"error_ratio": None}
+
+
+def test_a_nan_sli_is_not_captured_and_the_file_stays_readable(pg, baseline_db, tmp_path: Path):
+    with prometheus_server(tmp_path) as prom:
+        config = {
+            "targets": {"primary": monitor_dsn(pg.primary, baseline_db)},
+            # A ratio over no requests: NaN, which no reader of the file would accept.
+            "slis": {"prometheus_url": prom.url, "error_ratio": "vector(0) / vector(0)"},
+        }
+        (tmp_path / "migexport.yml").write_text(yaml.safe_dump(config))
+        proc = run_cli("baseline", "-c", str(tmp_path / "migexport.yml"), "--duration", "1s")
+    assert proc.returncode == 0, proc.stderr
+    assert "not captured: sli error_ratio: query returned nan" in proc.stdout
+    assert read_baseline(tmp_path / "baseline.json").slis == {"error_ratio": None}

@@ -484,7 +484,11 @@ def _capture_slis(config: Config, missing: list[str]) -> dict[str, float | None]
         if not query:
             continue
         try:
-            out[key] = query_prometheus(config.slis.prometheus_url, query)
+            value = query_prometheus(config.slis.prometheus_url, query)
+            # NaN (a ratio over no requests) or a negative value would make a file no reader accepts.
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"query returned {value}, not a non-negative number")
+            out[key] = value
         except (OSError, ValueError) as exc:
             out[key] = None
             missing.append(f"sli {key}: {exc}")
@@ -539,7 +543,10 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
                 f"probe {name} highest p95 of {window:.0f} runs" if window else f"probe {name} highest windowed p95",
                 _fmt(p.get("p95_window_max_seconds"), " ms", 1000, 2),
             ),
-            (f"probe {name} success", _fmt(p["success_ratio"], "%", 100, 1) + f" of {p['runs'] or 0:.0f} runs"),
+            (
+                f"probe {name} success",
+                _fmt(p["success_ratio"], "%", 100, 1) + (f" of {p['runs']:.0f} runs" if p["runs"] else ""),
+            ),
         ]
     for key, v in (doc.get("slis") or {}).items():
         rows.append((f"sli {key}", _fmt(v)))
