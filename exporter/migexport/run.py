@@ -4,40 +4,55 @@
     timeout 30m npm run migrate:production 2>&1 | tee -a migration.log
 
 plus what that line cannot do: the time limit kills the command's whole process group (not just the
-shell), SIGINT/SIGTERM reach the command, the exit status is the command's own (124 on timeout, as
-with timeout(1)), and the state (running, succeeded, failed, timed out) is published to the state
-file that `migexport serve` reads.
+shell) and ends the migration's sessions on the database server too, SIGINT/SIGTERM/SIGHUP reach the
+command (and end its sessions), the exit status is the command's own (124 on timeout, as with
+timeout(1)), and the state (running, succeeded, failed, timed out) is published to the state file
+that `migexport serve` reads, with a heartbeat so that a `run` killed without a trace is seen as lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+import psycopg
+import psycopg.errors
+
+from migexport.dsn import TargetError, password_of, redact, resolve_source, validate_dsn
 from migexport.state import (
     FAILED,
+    HEARTBEAT_INTERVAL_SECONDS,
     RUNNING,
     SUCCEEDED,
     TIMED_OUT,
     MigrationState,
     StateError,
+    pid_alive,
     read_state,
+    this_machine,
     write_state,
 )
 
 EXIT_TIMED_OUT = 124  # what timeout(1) returns
 EXIT_NOT_FOUND = 127
 KILL_GRACE_SECONDS = 5.0
+END_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Strings recorded in the state file are cut to this (the reader refuses longer ones).
+MAX_RECORDED_TEXT = 500
 
 
 class RunError(RuntimeError):
@@ -52,24 +67,189 @@ def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().strftime("%a %b %d %H:%M:%S %Z %Y")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# --- The server side: the migration's statements end with the run -------------------------------
+#
+# Killing the client is not enough. A backend waiting for a lock does not notice that its client is
+# gone (it only finds out when it next talks to it), so an ALTER TABLE queued behind an open reader
+# stays in the lock queue, keeps every later reader waiting behind it, and commits when the reader
+# ends: the "timed out" migration is applied after all. Cancelling its statement is not enough either:
+# pg_cancel_backend() ends the statement, but a transaction the migration opened stays open, idle and
+# holding its locks, until the server notices the dead client. pg_terminate_backend() ends the session:
+# its transaction rolls back, its locks are released and it leaves the lock queue at once. The client
+# is being killed anyway, so there is nothing left that terminating could take from it.
+
+CONTROL_APPLICATION_NAME = "migexport-run"
+CONTROL_CONNECT_TIMEOUT_SECONDS = 3
+# The control session must never wait long itself: it reads pg_stat_activity and signals backends,
+# which take no lock on user tables, but a hung server must not hold the end of the run.
+CONTROL_SETTINGS_SQL = "SET lock_timeout = '2s'; SET statement_timeout = '5s'"
+# How long terminated backends get to leave pg_stat_activity before they count as remaining.
+TERMINATE_WAIT_SECONDS = 5.0
+LOCK_TIMEOUT_ADVICE = "5s"  # the checklist's migration tools use 0.5-10 s
+
+# Its sessions: by application_name, and by role when the migration has a role of its own. Only client
+# backends (not walsenders or background workers), never our own.
+MIGRATION_SESSIONS_SQL = """
+SELECT pid FROM pg_stat_activity
+WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
+  AND (application_name = %(app)s OR (%(role)s <> '' AND usename = %(role)s))
+"""
+LOCK_TIMEOUT_SQL = "SELECT current_user::text, setting::bigint FROM pg_settings WHERE name = 'lock_timeout'"
+LIBPQ_ENV = ("PGSERVICE", "PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE")
 
 
-def check_not_running(state_path: Path) -> None:
-    """Refuse to start while the state file says another migration is running in a live process."""
+@dataclass(frozen=True)
+class ServerSide:
+    """How `run` recognises the migration's sessions and reaches the server to end them."""
+
+    application_name: str = "migration"
+    role: str = ""
+    # A DSN source (libpq string or URI, env:VAR, file:PATH); empty: the libpq environment (PG*
+    # variables), i.e. the server the migration command itself connects to.
+    control_dsn: str = ""
+
+
+class ControlError(RuntimeError):
+    """The control session could not do its work; the message is one line without a password."""
+
+
+class ServerControl:
+    """One session of our own (application_name migexport-run), opened at the start and kept, so
+    that at the time limit a server whose connection slots have filled up behind the migration's
+    lock queue still has one for us; reopened if it was lost in between."""
+
+    def __init__(self, server: ServerSide, environ: Mapping[str, str] = os.environ) -> None:
+        self.server = server
+        if server.control_dsn:
+            try:
+                self.conninfo = resolve_source("migration.control_dsn", server.control_dsn, environ)
+                validate_dsn("migration.control_dsn", self.conninfo)
+            except TargetError as exc:
+                raise RunError(f"control DSN: {exc}") from None
+            self.where = f"control DSN {redact(self.conninfo)!r}"
+        else:
+            self.conninfo = ""  # libpq reads PGHOST, PGPORT, PGUSER, PGPASSWORD, PGSERVICE...
+            given = [f"{k}={environ[k]}" for k in LIBPQ_ENV if environ.get(k)]
+            self.where = f"the libpq environment ({', '.join(given) or 'no PG* variables: libpq defaults'})"
+        self.secrets = tuple(s for s in (password_of(self.conninfo), environ.get("PGPASSWORD")) if s)
+        self.conn: psycopg.Connection | None = None
+
+    def _clean(self, exc: BaseException) -> str:
+        lines = str(exc).strip().splitlines()
+        return redact(lines[0] if lines else type(exc).__name__, self.secrets)
+
+    def connect(self) -> psycopg.Connection:
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        try:
+            self.conn = psycopg.connect(
+                self.conninfo,
+                autocommit=True,
+                connect_timeout=CONTROL_CONNECT_TIMEOUT_SECONDS,
+                application_name=CONTROL_APPLICATION_NAME,
+            )
+        except psycopg.Error as exc:
+            raise ControlError(f"cannot connect via {self.where}: {self._clean(exc)}") from None
+        return self.conn
+
+    def lock_timeout_warning(self) -> str | None:
+        """Measured before our own SETs: what the role gets from the server, role and PGOPTIONS."""
+        try:
+            conn = self.connect()
+            user, lock_timeout_ms = conn.execute(LOCK_TIMEOUT_SQL).fetchone()  # type: ignore[misc]
+            conn.execute(CONTROL_SETTINGS_SQL)
+        except psycopg.Error as exc:
+            self.close()
+            raise ControlError(f"query via {self.where} failed: {self._clean(exc)}") from None
+        if lock_timeout_ms:
+            return None
+        role = self.server.role or user
+        return (
+            f"lock_timeout is 0 for user {user} (via {self.where}): an ALTER TABLE queued behind a long "
+            f"transaction blocks the application behind it until that transaction ends; set one, e.g. "
+            f"ALTER ROLE {role} SET lock_timeout = '{LOCK_TIMEOUT_ADVICE}' (migration tools use 0.5-10 s)"
+        )
+
+    def find_sessions(self) -> list[int]:
+        params = {"app": self.server.application_name, "role": self.server.role}
+        return [pid for (pid,) in self._query(MIGRATION_SESSIONS_SQL, params)]
+
+    def _query(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        for attempt in (1, 2):
+            conn = self.connect()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except psycopg.OperationalError as exc:
+                # The session kept since the start may be gone (server restart, idle_session_timeout).
+                self.close()
+                if attempt == 2:
+                    raise ControlError(f"lost the control session via {self.where}: {self._clean(exc)}") from None
+            except psycopg.Error as exc:
+                raise ControlError(f"reading pg_stat_activity failed: {self._clean(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def terminate(self, pids: list[int]) -> tuple[set[int], str | None]:
+        """pg_terminate_backend() each one: (the pids it ended, the first refusal)."""
+        ended: set[int] = set()
+        error = None
+        conn = self.connect()
+        for pid in pids:
+            try:
+                row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # Another role's backend needs pg_signal_backend; a superuser's cannot be signalled at all.
+                error = error or (
+                    f"not allowed to terminate backend {pid} as {conn.info.user}: {self._clean(exc)} "
+                    f"(connect as the migration's role, or GRANT pg_signal_backend TO {conn.info.user})"
+                )
+                continue
+            except psycopg.Error as exc:
+                raise ControlError(f"pg_terminate_backend({pid}) failed: {self._clean(exc)}") from None
+            if row and row[0]:  # false: it was gone already
+                ended.add(pid)
+        return ended, error
+
+    def end_sessions(self) -> tuple[int, int, str | None]:
+        """Terminate the migration's sessions and wait for them to go: (terminated, remaining, error).
+        Remaining counts every matching session at the end, one that connected meanwhile included."""
+        ended, error = self.terminate(self.find_sessions())
+        deadline = time.monotonic() + TERMINATE_WAIT_SECONDS
+        left = self.find_sessions()
+        while ended & set(left) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = self.find_sessions()
+        return len(ended), len(left), error
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
+
+
+# --- The run -------------------------------------------------------------------------------------
+
+
+def check_not_running(state_path: Path) -> str | None:
+    """Refuse to start while the state file says another migration is running and its `run` is alive
+    (here: its pid; elsewhere: its heartbeat). A lost one is replaced: returns the warning to give."""
     try:
         state = read_state(state_path)
     except StateError:
-        return  # a broken state file is replaced by this run's state
-    if state and state.in_progress and state.pid and state.pid != os.getpid() and _pid_alive(state.pid):
-        raise RunError(f"migration {state.migration_id!r} is still running (pid {state.pid}, state file {state_path})")
+        return None  # a broken state file is replaced by this run's state
+    if state is None or not state.in_progress or state.pid == os.getpid():
+        return None
+    if state.host is None and state.heartbeat_at is None:
+        alive = state.pid is not None and pid_alive(state.pid)  # written by an older `run`
+    else:
+        alive = not state.lost(time.time(), this_machine())
+    where = f"pid {state.pid} on {state.host}" if state.host else f"pid {state.pid}"
+    if alive:
+        raise RunError(f"migration {state.migration_id!r} is still running ({where}, state file {state_path})")
+    return (
+        f"the previous run of migration {state.migration_id!r} ({where}) ended without recording its end; "
+        f"its command (process group {state.command_pid}) may still be running"
+    )
 
 
 def _copy_output(source, log: TextIO, echo: Callable[[str], None]) -> None:
@@ -92,6 +272,233 @@ def _kill_group(pgid: int, proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+class _StateWriter:
+    """Publishes the state; while running, a thread rewrites it every HEARTBEAT_INTERVAL_SECONDS so a
+    reader can tell a live run from one that was killed without a trace. After end() nothing else is
+    written (a late heartbeat must not turn a finished run back into a running one)."""
+
+    def __init__(self, path: Path, base: MigrationState, warn: Callable[[str], None]) -> None:
+        self.path, self.base, self.warn = path, base, warn
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.ended = False
+        self.thread = threading.Thread(target=self._beat, name="migexport-heartbeat", daemon=True)
+
+    def publish(self, final: bool = False, **changes: Any) -> None:
+        with self.lock:
+            if self.ended:
+                return
+            self.base = dataclasses.replace(self.base, **changes)
+            self.ended = final
+            write_state(self.path, dataclasses.replace(self.base, heartbeat_at=time.time()))
+
+    def start_heartbeat(self) -> None:
+        self.thread.start()
+
+    def _beat(self) -> None:
+        failing = False
+        while not self.stopped.wait(HEARTBEAT_INTERVAL_SECONDS):
+            try:
+                self.publish()
+                failing = False
+            except OSError as exc:
+                if not failing:  # once per outage, not every 5 s
+                    self.warn(
+                        f"cannot refresh the state file {self.path}: {exc.strerror}; serve will call this run lost"
+                    )
+                failing = True
+
+    def end(self, **changes: Any) -> None:
+        self.stopped.set()
+        self.publish(final=True, **changes)
+
+
+def _clip(text: str | None) -> str | None:
+    return None if text is None else text[:MAX_RECORDED_TEXT]
+
+
+def _warn(line: str) -> None:
+    print(f"migexport: {line}", file=sys.stderr, flush=True)
+
+
+def _echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+class _Run:
+    """One run of the command: the order of its steps is the point (see run_migration)."""
+
+    def __init__(
+        self,
+        command: list[str],
+        base: MigrationState,
+        log: TextIO,
+        state_path: Path,
+        control: ServerControl | None,
+        echo: Callable[[str], None],
+        warn: Callable[[str], None],
+    ) -> None:
+        self.command, self.base, self.log, self.control = command, base, log, control
+        self.echo, self.warn = echo, warn
+        self.writer = _StateWriter(state_path, base, self.say_warning)
+        self.forwarded: list[int] = []
+        self.proc: subprocess.Popen | None = None
+        self.cancel: dict[str, Any] | None = None  # what ending the sessions on the server did
+
+    def say(self, line: str, stderr: bool = False) -> None:
+        self.log.write(line + "\n")
+        self.log.flush()
+        if stderr:
+            self.warn(line)
+
+    def say_warning(self, line: str) -> None:
+        self.say(f"warning: {line}", stderr=True)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.forwarded.append(signum)
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+
+    def check_server(self) -> None:
+        """Before the command: reach the server the way the cancel will, and check its lock_timeout."""
+        if self.control is None:
+            return
+        try:
+            warning = self.control.lock_timeout_warning()
+        except ControlError as exc:
+            self.say_warning(
+                f"cannot check lock_timeout: {exc}; carrying on (at the time limit or on a signal, ending the "
+                f"migration's sessions on the server will work only if this connection does by then)"
+            )
+            return
+        if warning:
+            self.say_warning(warning)
+
+    def cannot_start(self, reason: str | None) -> RunError:
+        ended = time.time()
+        self.say(f"cannot start {self.command[0]}: {reason}")
+        self.say(f"Migration ended at {_stamp(ended)}: failed, exit code {EXIT_NOT_FOUND}")
+        self.writer.end(status=FAILED, ended_at=ended, exit_code=EXIT_NOT_FOUND)
+        return RunError(f"cannot start {self.command[0]!r}: {reason}", EXIT_NOT_FOUND)
+
+    def spawn(self) -> subprocess.Popen:
+        try:
+            proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so the time limit can end all of it
+            )
+        except OSError as exc:
+            raise self.cannot_start(exc.strerror) from None
+        self.proc = proc
+        if self.forwarded:  # a signal came while we were starting it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, self.forwarded[0])
+        return proc
+
+    def wait(self, proc: subprocess.Popen) -> bool:
+        """Until the command ends (False) or its time limit (True). After a signal, the migration's
+        sessions are ended on the server at once, while the command handles the signal."""
+        deadline = self.base.started_at + self.base.time_budget_seconds
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                return True
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=min(left, 0.2))
+                return False
+            if self.forwarded and self.cancel is None:
+                self.end_on_server(signal.Signals(self.forwarded[0]).name)
+
+    def end_on_server(self, reason: str) -> None:
+        if self.control is None:
+            return
+        try:
+            terminated, remaining, error = self.control.end_sessions()
+        except ControlError as exc:
+            terminated, remaining, error = 0, None, str(exc)
+        before = self.cancel or {"reason": reason, "terminated": 0, "error": None}
+        self.cancel = {
+            "reason": before["reason"],
+            "via": _clip(self.control.where),
+            "terminated": before["terminated"] + terminated,
+            "remaining": remaining,
+            "error": _clip(before["error"] or error),
+        }
+
+    def report_server(self) -> None:
+        c = self.cancel
+        if c is None:
+            return
+        if c["error"] is None and c["remaining"] == 0:
+            self.say(f"server: ended {c['terminated']} session(s) of the migration ({c['reason']}); none left")
+            return
+        problem = c["error"] or f"{c['remaining']} session(s) still there"
+        who = f"application_name {self.control.server.application_name!r}" if self.control else "its sessions"
+        self.say(
+            f"error: ending the migration's sessions on the server failed ({c['reason']}): {problem}; "
+            f"ended {c['terminated']}. Its statements may still run or wait for a lock there: "
+            f"look for {who} in pg_stat_activity",
+            stderr=True,
+        )
+
+    def finish(self, proc: subprocess.Popen, timed_out: bool) -> int:
+        rc = proc.returncode
+        code = EXIT_TIMED_OUT if timed_out else (128 - rc if rc < 0 else rc)
+        status = TIMED_OUT if timed_out else (SUCCEEDED if code == 0 else FAILED)
+        ended = time.time()
+        self.report_server()
+        sig = self.forwarded[0] if self.forwarded else None
+        note = f" after signal {sig} ({signal.Signals(sig).name})" if sig else ""
+        self.say(
+            f"Migration ended at {_stamp(ended)}: {status.replace('_', ' ')}{note}, exit code {code}, "
+            f"duration {ended - self.base.started_at:.1f}s"
+        )
+        self.writer.end(status=status, ended_at=ended, exit_code=code, server_cancel=self.cancel)
+        return code
+
+    def execute(self, previous: str | None) -> int:
+        self.say(f"Migration started at {_stamp(self.base.started_at)}")
+        self.say(
+            f"migration {self.base.migration_id}: {shlex.join(self.command)} "
+            f"(time limit {self.base.time_budget_seconds:g}s)"
+        )
+        if previous:
+            self.say_warning(previous)
+        self.writer.publish()
+        if shutil.which(self.command[0]) is None:  # before reaching for the server on its behalf
+            raise self.cannot_start(f"{os.strerror(errno.ENOENT)} (or not executable)")
+        handlers = {s: signal.signal(s, self.on_signal) for s in END_SIGNALS}
+        try:
+            self.check_server()
+            proc = self.spawn()
+            self.writer.publish(command_pid=proc.pid)
+            self.writer.start_heartbeat()
+            copier = threading.Thread(target=_copy_output, args=(proc.stdout, self.log, self.echo), daemon=True)
+            copier.start()
+            timed_out = self.wait(proc)
+            if timed_out:
+                self.say(
+                    f"time limit of {self.base.time_budget_seconds:g}s reached: ending the migration's sessions "
+                    f"on the server, then killing the process group"
+                )
+                self.end_on_server("time limit")
+                _kill_group(proc.pid, proc)
+            if timed_out or self.forwarded:
+                # Again once the client is gone: a tool that reconnected in between must not stay behind.
+                self.end_on_server("time limit" if timed_out else signal.Signals(self.forwarded[0]).name)
+            # A grandchild that escaped the group may still hold the pipe open: do not wait forever.
+            copier.join(timeout=KILL_GRACE_SECONDS)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        return self.finish(proc, timed_out)
+
+
 def run_migration(
     command: list[str],
     migration_id: str,
@@ -99,90 +506,42 @@ def run_migration(
     watch_window_seconds: float,
     log_path: Path,
     state_path: Path,
-    echo: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+    server: ServerSide | None = None,
+    echo: Callable[[str], None] = _echo,
+    warn: Callable[[str], None] = _warn,
+    environ: Mapping[str, str] = os.environ,
 ) -> int:
+    """Run the command under its time limit; returns its exit status (124 at the time limit).
+
+    At the time limit: end the migration's sessions on the server, kill the process group, end any
+    session left, then record the end. On SIGINT/SIGTERM/SIGHUP: forward it to the command, end the
+    sessions on the server, wait for the command, end any session left, record the end. `server`
+    None: nothing is done on the server (no way to reach it)."""
     if not command:
         raise RunError("no command given: migexport run [OPTIONS] -- COMMAND [ARGS...]")
-    check_not_running(state_path)
+    previous = check_not_running(state_path)
+    control = ServerControl(server, environ) if server is not None else None  # a bad DSN stops us here
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:
         raise RunError(f"cannot open migration log {log_path}: {exc.strerror}") from None
-
-    started = time.time()
-
-    def publish(status: str, ended: float | None = None, code: int | None = None) -> None:
-        write_state(
-            state_path,
-            MigrationState(
-                migration_id=migration_id,
-                status=status,
-                started_at=started,
-                time_budget_seconds=time_budget_seconds,
-                watch_window_seconds=watch_window_seconds,
-                ended_at=ended,
-                exit_code=code,
-                pid=os.getpid(),
-            ),
-        )
-
+    machine = this_machine()
+    base = MigrationState(
+        migration_id=migration_id,
+        status=RUNNING,
+        started_at=time.time(),
+        time_budget_seconds=time_budget_seconds,
+        watch_window_seconds=watch_window_seconds,
+        pid=os.getpid(),
+        host=machine.host,
+        boot_id=machine.boot_id,
+        pid_namespace=machine.pid_namespace,
+        heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
+    )
     try:
-        log.write(f"Migration started at {_stamp(started)}\n")
-        log.write(f"migration {migration_id}: {shlex.join(command)} (time limit {time_budget_seconds:g}s)\n")
-        log.flush()
-        publish(RUNNING)
-        try:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so the time limit can end all of it
-            )
-        except OSError as exc:
-            ended = time.time()
-            log.write(f"cannot start {command[0]}: {exc.strerror}\n")
-            log.write(f"Migration ended at {_stamp(ended)}: failed, exit code {EXIT_NOT_FOUND}\n")
-            publish(FAILED, ended, EXIT_NOT_FOUND)
-            raise RunError(f"cannot start {command[0]!r}: {exc.strerror}", EXIT_NOT_FOUND) from None
-
-        forwarded: list[int] = []
-
-        def forward(signum: int, _frame: object) -> None:
-            forwarded.append(signum)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        copier = threading.Thread(target=_copy_output, args=(proc.stdout, log, echo), daemon=True)
-        copier.start()
-        timed_out = False
-        try:
-            try:
-                proc.wait(timeout=max(0.0, started + time_budget_seconds - time.time()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                log.write(f"time limit of {time_budget_seconds:g}s reached: killing the process group\n")
-                log.flush()
-                _kill_group(proc.pid, proc)
-            # A grandchild that escaped the group may still hold the pipe open: do not wait forever.
-            copier.join(timeout=KILL_GRACE_SECONDS)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-        rc = proc.returncode
-        code = EXIT_TIMED_OUT if timed_out else (128 - rc if rc < 0 else rc)
-        status = TIMED_OUT if timed_out else (SUCCEEDED if code == 0 else FAILED)
-        ended = time.time()
-        note = f" after signal {forwarded[0]}" if forwarded else ""
-        log.write(
-            f"Migration ended at {_stamp(ended)}: {status.replace('_', ' ')}{note}, exit code {code}, "
-            f"duration {ended - started:.1f}s\n"
-        )
-        log.flush()
-        publish(status, ended, code)
-        return code
+        return _Run(command, base, log, state_path, control, echo, warn).execute(previous)
     finally:
+        if control is not None:
+            control.close()
         log.close()
