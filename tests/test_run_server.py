@@ -254,3 +254,32 @@ def _no_leftover_migration_sessions(pg):
     """A failing test must not leave a queued ALTER behind for the next one."""
     yield
     end_migration_sessions(pg.primary)
+
+
+def test_a_control_session_lost_during_the_run_is_reopened_at_the_time_limit(pg, tmp_path):
+    """The session `run` keeps from the start may be gone by the time limit (idle_session_timeout, a
+    DBA, a restart): it reconnects and still ends the migration's sessions."""
+    psql = require_binary("psql", "postgresql-client")
+    with open_reader(pg.primary, "run_srv_reopen"):
+        proc = subprocess.Popen(
+            run_argv(tmp_path, psql, "-X", "-c", ALTER.format(table="run_srv_reopen"), limit="8s"),
+            env=pg_env(pg.primary),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: [s[2] for s in sessions(pg.primary)] == ["Lock"], what="the ALTER to wait for its lock")
+            control = sessions(pg.primary, app="migexport-run")
+            assert len(control) == 1  # kept open since the start
+            with pg.primary.connect() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (control[0][0],))
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 124, err
+        assert sessions(pg.primary) == []
+        cancel = state_of(tmp_path)["server_cancel"]
+        assert cancel["terminated"] == 1 and cancel["remaining"] == 0 and cancel["error"] is None
+    assert not has_column(pg.primary, "run_srv_reopen", "c")

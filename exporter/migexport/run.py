@@ -94,7 +94,9 @@ SELECT pid FROM pg_stat_activity
 WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
   AND (application_name = %(app)s OR (%(role)s <> '' AND usename = %(role)s))
 """
-LOCK_TIMEOUT_SQL = "SELECT current_user::text, setting::bigint FROM pg_settings WHERE name = 'lock_timeout'"
+# reset_val: what a session of this role gets from the server, role, database and PGOPTIONS, before
+# (and unchanged by) our own SETs.
+LOCK_TIMEOUT_SQL = "SELECT current_user::text, reset_val::bigint FROM pg_settings WHERE name = 'lock_timeout'"
 LIBPQ_ENV = ("PGSERVICE", "PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE")
 
 
@@ -142,7 +144,7 @@ class ServerControl:
         if self.conn is not None and not self.conn.closed:
             return self.conn
         try:
-            self.conn = psycopg.connect(
+            conn = psycopg.connect(
                 self.conninfo,
                 autocommit=True,
                 connect_timeout=CONTROL_CONNECT_TIMEOUT_SECONDS,
@@ -150,14 +152,19 @@ class ServerControl:
             )
         except psycopg.Error as exc:
             raise ControlError(f"cannot connect via {self.where}: {self._clean(exc)}") from None
-        return self.conn
+        try:
+            conn.execute(CONTROL_SETTINGS_SQL)
+        except psycopg.Error as exc:
+            conn.close()
+            raise ControlError(f"cannot set up the control session via {self.where}: {self._clean(exc)}") from None
+        self.conn = conn
+        return conn
 
     def lock_timeout_warning(self) -> str | None:
-        """Measured before our own SETs: what the role gets from the server, role and PGOPTIONS."""
+        """What the migration's sessions get, if they connect the way we do (same environment)."""
         try:
             conn = self.connect()
             user, lock_timeout_ms = conn.execute(LOCK_TIMEOUT_SQL).fetchone()  # type: ignore[misc]
-            conn.execute(CONTROL_SETTINGS_SQL)
         except psycopg.Error as exc:
             self.close()
             raise ControlError(f"query via {self.where} failed: {self._clean(exc)}") from None
@@ -421,13 +428,14 @@ class _Run:
             terminated, remaining, error = self.control.end_sessions()
         except ControlError as exc:
             terminated, remaining, error = 0, None, str(exc)
-        before = self.cancel or {"reason": reason, "terminated": 0, "error": None}
+        before = self.cancel or {"reason": reason, "terminated": 0}
+        # Terminations add up over the passes; what is left, and why, is what the last pass found.
         self.cancel = {
             "reason": before["reason"],
             "via": _clip(self.control.where),
             "terminated": before["terminated"] + terminated,
             "remaining": remaining,
-            "error": _clip(before["error"] or error),
+            "error": _clip(error),
         }
 
     def report_server(self) -> None:
@@ -439,6 +447,8 @@ class _Run:
             return
         problem = c["error"] or f"{c['remaining']} session(s) still there"
         who = f"application_name {self.control.server.application_name!r}" if self.control else "its sessions"
+        if self.control and self.control.server.role:
+            who += f" or usename {self.control.server.role!r}"
         self.say(
             f"error: ending the migration's sessions on the server failed ({c['reason']}): {problem}; "
             f"ended {c['terminated']}. Its statements may still run or wait for a lock there: "
@@ -469,7 +479,10 @@ class _Run:
         )
         if previous:
             self.say_warning(previous)
-        self.writer.publish()
+        try:
+            self.writer.publish()
+        except OSError as exc:
+            raise RunError(f"cannot write the state file {self.writer.path}: {exc.strerror}") from None
         if shutil.which(self.command[0]) is None:  # before reaching for the server on its behalf
             raise self.cannot_start(f"{os.strerror(errno.ENOENT)} (or not executable)")
         handlers = {s: signal.signal(s, self.on_signal) for s in END_SIGNALS}

@@ -36,7 +36,10 @@ def _spec(name: str, help_text: str) -> MetricSpec:
     return MetricSpec(name, help_text, labels=LABELS, per_target=False)
 
 
-IN_PROGRESS = _spec("migexport_migration_in_progress", "1 while `migexport run` runs the migration command.")
+IN_PROGRESS = _spec(
+    "migexport_migration_in_progress",
+    "1 while `migexport run` runs the migration command (0 once that run is lost, see migexport_migration_lost).",
+)
 START = _spec("migexport_migration_start_timestamp_seconds", "When the migration command started (Unix time).")
 END = _spec(
     "migexport_migration_end_timestamp_seconds", "When the migration command ended (Unix time); absent while running."
