@@ -78,7 +78,7 @@ LATENCY_FLOOR = 0.001  # the default latency_floor: the rules compare with max(b
 PROBE = "customer_orders"
 PROBE_SQL = f"SELECT id, status, amount, created_at FROM {live_app.TABLE} WHERE customer = 4242"
 EXTRA_WAIT = 10.0  # after a first page, how long a harmful scenario waits for the alert's other series
-EPISODE_GAP = 2.0  # an alert unseen for this long (4 polls) and seen again is a new episode
+EPISODE_GAP = 1.2  # polls are 0.5 s apart: an alert missing from one evaluation (1 s) starts a new episode
 LATENCY_OR_ERROR = {"MigrationLatencyDegraded", "MigrationErrorRateIncreased"}
 
 THRESHOLDS = {
@@ -142,7 +142,13 @@ class Timeline:
             for path, body in new:
                 for alert in body.get("alerts", []):
                     self.deliveries.append(
-                        {"at": now, "path": path, "status": alert.get("status"), "labels": alert.get("labels", {})}
+                        {
+                            "at": now,
+                            "path": path,
+                            "status": alert.get("status"),
+                            "labels": alert.get("labels", {}),
+                            "description": alert.get("annotations", {}).get("description", ""),
+                        }
                     )
 
     def _note_alerts(self, result: list[dict], now: float) -> None:
@@ -209,6 +215,7 @@ def _describe_deliveries(deliveries: list[dict[str, Any]], onset: float) -> list
                 k: v for k, v in d["labels"].items() if k not in ("alertname", "severity", "action", "job", "instance")
             },
             "at_s": round(d["at"] - onset, 1),
+            "description": d["description"],
         }
         for d in deliveries
     ]
