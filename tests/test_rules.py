@@ -26,6 +26,7 @@ USED_BY = {
     "error_rate_increase_ratio": {"MigrationErrorRateIncreased"},
     "error_ratio_floor": {"MigrationErrorRateIncreased"},
     "latency_floor_seconds": {"MigrationLatencyDegraded"},
+    "probe_latency_floor_seconds": {"MigrationLatencyDegraded"},
     "replication_lag_rollback_seconds": {"MigrationReplicationLagTooHigh"},
     "replication_lag_watch_seconds": {"MigrationReplicationLagHigh"},
     "lock_wait_seconds": {"MigrationLockWaitHigh"},

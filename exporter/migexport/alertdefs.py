@@ -150,6 +150,7 @@ def _relative(t: Thresholds) -> list[Alert]:
     n, window, sigmas = series_names(t), duration(t.rate_window_seconds), fmt(t.significance_sigmas)
     latency_ratio, error_ratio = fmt(t.latency_degradation_ratio), fmt(t.error_rate_increase_ratio)
     floor, lag_rollback = fmt(t.latency_floor_seconds), fmt(t.replication_lag_rollback_seconds)
+    probe_floor = fmt(t.probe_latency_floor_seconds)
     p95 = 'migexport_baseline_probe_latency_seconds{quantile="0.95"}'
     statement = (
         with_baseline(
@@ -160,7 +161,7 @@ def _relative(t: Thresholds) -> list[Alert]:
     )
     # A probe's p95 must also be above the highest p95 a window of as many runs showed at rest.
     probe = (
-        with_baseline(n.probe_p95, ">", f"clamp_min({p95}, {floor}) * {latency_ratio}", on="target, probe")
+        with_baseline(n.probe_p95, ">", f"clamp_min({p95}, {probe_floor}) * {latency_ratio}", on="target, probe")
         + f"\n  unless on({JOIN}, target, probe, migration_id) ("
         + with_baseline(n.probe_p95, "<=", "migexport_baseline_probe_latency_window_max_seconds", on="target, probe")
         + ")"

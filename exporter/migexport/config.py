@@ -42,6 +42,9 @@ class Thresholds:
     error_ratio_floor: float = 0.01
     # Baseline latency below this is raised to it before comparing (a 0.1 ms baseline x 1.5 is noise).
     latency_floor_seconds: float = 0.001
+    # The same for a probe's p95, which is timed by the client: scheduling on a busy host (and Python's
+    # thread switching in the exporter) moves a probe's timing by milliseconds, whatever the query does.
+    probe_latency_floor_seconds: float = 0.005
     # "Replication lag >10 minutes": consider rollback.
     replication_lag_rollback_seconds: float = 600.0
     # "Replication lag < threshold" while monitoring: watch.
@@ -80,6 +83,7 @@ class Thresholds:
 
 DURATION_FIELDS = {
     "latency_floor_seconds",
+    "probe_latency_floor_seconds",
     "replication_lag_rollback_seconds",
     "replication_lag_watch_seconds",
     "lock_wait_seconds",
@@ -497,6 +501,7 @@ thresholds:
   error_rate_increase_ratio: 1.1   # error rate increased >10%: consider rollback ...
   error_ratio_floor: 0.01          # ... and above 1 % of transactions
   latency_floor: 1ms               # a smaller baseline latency is raised to this first
+  probe_latency_floor: 5ms         # ... and a smaller probe p95 to this (client-side timing jitter)
   replication_lag_rollback: 10m    # replication lag >10 minutes: consider rollback
   replication_lag_watch: 30s       # replication lag < threshold while it runs
   lock_wait: 10s                   # lock wait time < threshold
