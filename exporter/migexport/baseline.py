@@ -47,6 +47,7 @@ from migexport.baseline_file import FORMAT, VERSION, BaselineError
 from migexport.collectors import connections, replication, size, statements, transactions
 from migexport.collectors.base import MARKER, Context, ServerInfo
 from migexport.config import Config, Probe, Thresholds
+from migexport.exporter_histograms import ExporterHistograms
 from migexport.metrics import MetricSpec, Sample
 from migexport.probes import PROBE_BUCKETS, ProbeResult, cumulative_buckets, fix_hint, probe_quantile, run_probe
 from migexport.targets import SERVER_SQL, SessionSettings, connect
@@ -273,11 +274,13 @@ def capture(
     progress: Callable[[float], None] = lambda fraction: None,
     sample_interval_seconds: float | None = None,
     allow_partial: bool = False,
+    exporter_url: str | None = None,
 ) -> dict[str, Any]:
     """Sample every target for `duration_seconds` and return the baseline document.
 
     Raises BaselineIncomplete, before the window when it can, if a target is not reachable or a probe
-    never succeeds, unless `allow_partial` (then the document lists them under "failures").
+    never succeeds, unless `allow_partial` (then the document lists them under "failures"). With the
+    URL of the exporter that will watch the migration, probe latency comes from its histograms.
     """
     session = SessionSettings(
         application_name=f"{config.application_name}-baseline",
@@ -291,14 +294,15 @@ def capture(
         failures = unreachable + _probe_failures(samplers, after_window=False)
         if not samplers or (failures and not allow_partial):
             raise BaselineIncomplete(failures)
+        histograms = ExporterHistograms(exporter_url) if exporter_url else None
         try:
-            window = _sample(samplers, duration_seconds, tick, progress)
+            window = _sample(samplers, duration_seconds, tick, progress, histograms)
         except psycopg.Error as exc:
             raise BaselineIncomplete([f"sampling failed: {_first_line(exc)}"]) from None
         failures = unreachable + _probe_failures(samplers, after_window=True)
         if failures and not allow_partial:
             raise BaselineIncomplete(failures)
-        doc = _document(config, samplers, window, failures)
+        doc = _document(config, samplers, window, failures, histograms)
     finally:
         for s in samplers.values():
             s.conn.close()
@@ -308,15 +312,22 @@ def capture(
 
 
 def _sample(
-    samplers: dict[str, _TargetSampler], duration_seconds: float, tick: float, progress: Callable[[float], None]
+    samplers: dict[str, _TargetSampler],
+    duration_seconds: float,
+    tick: float,
+    progress: Callable[[float], None],
+    histograms: ExporterHistograms | None = None,
 ) -> float:
-    """The window itself; returns its length in seconds."""
+    """The window itself; returns its length in seconds. The exporter's histograms, when given, are
+    read at the start, at every tick and at the end."""
     # Probes run back to back at the sampling tick (not their serving interval), so that a short
     # window still gives enough runs for a median and a 95th percentile.
     for s in samplers.values():
         s.flush_own_stats()
         s.queries_at_start = s.query_count()
         s.start = s.read_counters()
+    if histograms is not None:
+        histograms.take()
     started = time.monotonic()
     while True:
         elapsed = time.monotonic() - started
@@ -327,6 +338,8 @@ def _sample(
             s.sample()
             for runs in s.probes:
                 s.run_probe(runs)
+        if histograms is not None and histograms.snapshots:
+            histograms.take()
         time.sleep(max(0.0, min(tick, duration_seconds - (time.monotonic() - started))))
     window = time.monotonic() - started
     for s in samplers.values():
@@ -335,6 +348,8 @@ def _sample(
         # start read itself (it commits after reading) and the flush included, the end read not.
         s.own_commits += s.query_count() - s.queries_at_start
         s.end = s.read_counters()
+    if histograms is not None and histograms.snapshots:
+        histograms.take()
     return window
 
 
@@ -344,12 +359,23 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _document(
-    config: Config, samplers: dict[str, _TargetSampler], window: float, failures: list[str]
+    config: Config,
+    samplers: dict[str, _TargetSampler],
+    window: float,
+    failures: list[str],
+    histograms: ExporterHistograms | None = None,
 ) -> dict[str, Any]:
     missing: list[str] = []
     targets = {name: _target_doc(config, s, window, missing) for name, s in samplers.items()}
+    if histograms is not None and not histograms.snapshots:
+        missing.append(
+            f"exporter at {histograms.url} not readable ({histograms.error}): probe latency measured by the "
+            "baseline command itself; start 'migexport serve' first so that both sides are timed alike"
+        )
     probes = {
-        runs.probe.name: _probe_doc(config.thresholds, runs, missing) for s in samplers.values() for runs in s.probes
+        runs.probe.name: _probe_doc(config.thresholds, runs, missing, histograms)
+        for s in samplers.values()
+        for runs in s.probes
     }
     return {
         "format": FORMAT,
@@ -454,28 +480,53 @@ def _target_doc(config: Config, s: _TargetSampler, window: float, missing: list[
     }
 
 
-def _probe_doc(thresholds: Thresholds, runs: _ProbeRuns, missing: list[str]) -> dict[str, Any]:
-    """Latency as the live side estimates it: histogram_quantile() over the successful runs' buckets."""
+def _probe_doc(
+    thresholds: Thresholds, runs: _ProbeRuns, missing: list[str], histograms: ExporterHistograms | None = None
+) -> dict[str, Any]:
+    """Latency as the live side estimates it: histogram_quantile() over the successful runs' buckets,
+    those the exporter timed when it is running (see exporter_histograms), else this command's own."""
     probe, ok = runs.probe, runs.durations
-    counts = cumulative_buckets(ok)
     k = runs_per_window(thresholds, probe)
-    if 0 < len(ok) < thresholds.probe_min_runs:
-        missing.append(
-            f"probe {probe.name}: only {len(ok)} successful runs (thresholds.probe_min_runs is "
-            f"{thresholds.probe_min_runs:g}): a longer --duration gives a steadier p95"
-        )
-    return {
+    doc: dict[str, Any] = {
         "target": probe.target,
         "interval_seconds": probe.interval_seconds,
         "runs": runs.runs,
         "successful_runs": len(ok),
         "success_ratio": len(ok) / runs.runs if runs.runs else None,
-        "latency_buckets": {"upper_bounds_seconds": list(PROBE_BUCKETS), "cumulative_counts": counts},
-        "p50_seconds": probe_quantile(0.50, counts),
-        "p95_seconds": probe_quantile(0.95, counts),
         "window_runs": k,
-        "p95_window_max_seconds": window_p95_max(ok, k),
     }
+    from_exporter = None
+    if histograms is not None and histograms.snapshots:
+        from_exporter = histograms.latency((probe.target, probe.name), thresholds.rate_window_seconds)
+        if from_exporter is None:
+            missing.append(
+                f"probe {probe.name}: the exporter at {histograms.url} did not run it during the window: "
+                "its latency is measured by the baseline command itself"
+            )
+    if from_exporter is not None:
+        counts, timed_runs = from_exporter["cumulative_counts"], from_exporter["runs"]
+        doc.update(
+            latency_source="exporter",
+            p50_seconds=from_exporter["p50_seconds"],
+            p95_seconds=from_exporter["p95_seconds"],
+            p95_window_max_seconds=from_exporter["p95_window_max_seconds"],
+        )
+    else:
+        counts, timed_runs = cumulative_buckets(ok), len(ok)
+        doc.update(
+            latency_source="baseline",
+            p50_seconds=probe_quantile(0.50, counts),
+            p95_seconds=probe_quantile(0.95, counts),
+            p95_window_max_seconds=window_p95_max(ok, k),
+        )
+    doc["latency_runs"] = timed_runs
+    doc["latency_buckets"] = {"upper_bounds_seconds": list(PROBE_BUCKETS), "cumulative_counts": counts}
+    if 0 < timed_runs < thresholds.probe_min_runs:
+        missing.append(
+            f"probe {probe.name}: only {timed_runs:g} timed runs (thresholds.probe_min_runs is "
+            f"{thresholds.probe_min_runs:g}): a longer --duration gives a steadier p95"
+        )
+    return doc
 
 
 def _capture_slis(config: Config, missing: list[str]) -> dict[str, float | None]:

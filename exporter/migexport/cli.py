@@ -179,7 +179,20 @@ def init(path: str, force: bool) -> None:
     is_flag=True,
     help="Write the file even if a target is not reachable or a probe never succeeds (their alerts stay disarmed).",
 )
-def baseline(config_path: str | None, duration: str, output: str | None, force: bool, allow_partial: bool) -> None:
+@click.option(
+    "--exporter-url",
+    metavar="URL",
+    help="The running 'migexport serve' whose probe timings the baseline takes, so that both sides are timed "
+    "alike; 'none' to time the probes here.  [default: http://127.0.0.1:<the config's listen port>]",
+)
+def baseline(
+    config_path: str | None,
+    duration: str,
+    output: str | None,
+    force: bool,
+    allow_partial: bool,
+    exporter_url: str | None,
+) -> None:
     """Sample the targets for a window before the migration and record the baseline.
 
     Exit 1, and nothing written, when a target cannot be reached or a probe never succeeds (each is
@@ -199,7 +212,9 @@ def baseline(config_path: str | None, duration: str, output: str | None, force: 
             def progress(fraction: float) -> None:
                 bar.update(round(fraction * 1000) - bar.pos)
 
-            doc = capture_baseline(config, seconds, progress, allow_partial=allow_partial)
+            doc = capture_baseline(
+                config, seconds, progress, allow_partial=allow_partial, exporter_url=_exporter_url(config, exporter_url)
+            )
         write_baseline(out, doc, force=force)
     except BaselineIncomplete as exc:
         # Not a usage error (exit 2): the command ran and found the databases not ready for it.
@@ -213,6 +228,21 @@ def baseline(config_path: str | None, duration: str, output: str | None, force: 
         raise UserError(f"cannot write {out}: {exc.strerror}") from None
     click.echo(f"baseline for migration {doc['migration_id']} written to {out}")
     _print_baseline(doc)
+
+
+def _exporter_url(config: Config, given: str | None) -> str | None:
+    """The exporter on this machine by default: the config's listen port on the loopback address."""
+    if given is not None:
+        if given.lower() == "none":
+            return None
+        if not given.startswith(("http://", "https://")):
+            raise UserError(f"--exporter-url: {given!r} is not an http:// or https:// URL (or 'none')")
+        return given
+    if not config.probes:
+        return None
+    host, port = parse_listen(config.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _print_baseline(doc: dict) -> None:
