@@ -6,13 +6,13 @@ failed one (a probe denied access, a collector hitting its lock_timeout) as a ro
 commit for each new connection. Left in, a failing probe raises the error ratio it is meant to judge
 and a quiet database's "TPS" is the exporter's own.
 
-Each of the exporter's connections keeps a `SessionLedger` of what it did since its statistics were
-last flushed. On PostgreSQL 15+ `pg_stat_force_next_flush()` makes a backend publish its counts
-before it answers, so after the flush statement returns, the ledger's counts are known to be in
-`pg_stat_database` and move to the target's `OwnTransactions`. The counters exported are the server's
-minus those (`OwnCountsGuard`). Older servers publish on their own schedule (at most every 500 ms, at
-a transaction's end): there the subtraction is approximate for a moment and the guard keeps the
-exported counters from going backwards.
+Each of the exporter's connections counts its transactions in the target's `OwnTransactions` through a
+`SessionLedger`, each one just before it ends, so before the server can publish it. The counters
+exported are the server's minus those (`OwnCountsGuard`), which never go backwards: a transaction of
+ours counted a moment before the server shows it makes a dip that the guard absorbs. On PostgreSQL 15+
+`pg_stat_force_next_flush()` makes a backend publish its counts before it answers, so the server
+catches up at once; older servers publish on their own schedule (at most every 500 ms, at a
+transaction's end), and the exported counters wait for them.
 """
 
 from __future__ import annotations
@@ -47,36 +47,35 @@ class OwnTransactions:
 
 
 class SessionLedger:
-    """One connection's transactions that the server may not have published yet."""
+    """One connection's transactions, counted as the exporter's own *before* the server can publish
+    them: a scrape that read a probe's rollback in the server's counters before it was counted as ours
+    would export it as the application's. Counted early, a transaction of ours is subtracted a moment
+    before the server shows it, a dip that `OwnCountsGuard` absorbs without losing anything."""
 
     def __init__(self, own: OwnTransactions, server_version_num: int) -> None:
         self.own = own
         self.can_flush = server_version_num >= FLUSH_MIN_VERSION
-        self.commits = COMMITS_PER_CONNECTION
-        self.rollbacks = 0
+        own.add(COMMITS_PER_CONNECTION, 0)
 
-    def record(self, ok: bool) -> None:
-        """One autocommit statement or one explicit transaction ended."""
-        if ok:
-            self.commits += 1
-        else:
-            self.rollbacks += 1
+    def ending(self, ok: bool) -> None:
+        """A transaction of ours (an autocommit statement, a probe's COMMIT or ROLLBACK) is about to end."""
+        self.own.add(int(ok), int(not ok))
+
+    def failed_instead(self, broken: bool) -> None:
+        """A statement counted as a commit failed: a rollback instead, unless the session died with it
+        (then the server may count nothing at all, and a lost commit is the smaller error)."""
+        self.own.add(-1, 0 if broken else 1)
 
     def flush(self, conn: Any, marker: str) -> None:
-        """Publish this session's counts to the server, then count them as ours.
-
-        The flush statement's own commit is published by the same flush (it is counted at its
-        transaction's end, before the backend reports and answers), so it is included.
-        """
-        if self.can_flush:
-            try:
-                conn.execute(marker + FLUSH_SQL)
-            except Exception:
-                self.rollbacks += 1  # a failed statement is a rolled-back transaction, published later
-                raise
-            self.commits += 1
-        self.own.add(self.commits, self.rollbacks)
-        self.commits = self.rollbacks = 0
+        """Make the server publish this session's counts now (PostgreSQL 15+) rather than within seconds."""
+        if not self.can_flush:
+            return
+        self.ending(ok=True)
+        try:
+            conn.execute(marker + FLUSH_SQL)
+        except Exception:
+            self.failed_instead(broken=bool(getattr(conn, "broken", False)))
+            raise
 
 
 class OwnCountsGuard:

@@ -179,12 +179,13 @@ def fix_hint(result: ProbeResult, role: str) -> str:
     return ""
 
 
-def run_probe(conn: psycopg.Connection, probe: Probe) -> ProbeResult:
+def run_probe(conn: psycopg.Connection, probe: Probe, ledger: SessionLedger | None = None) -> ProbeResult:
     """Run one probe in a read-only transaction with its own statement timeout.
 
     Only the query's own round trip is timed (rows received included), not BEGIN, the timeout or
     COMMIT: every round trip adds the client's scheduling jitter, and the probe's latency is the query's.
-    Every statement carries the MARKER. `conn` must be in autocommit mode.
+    Every statement carries the MARKER. `conn` must be in autocommit mode. The probe's transaction is
+    counted in `ledger` (the exporter's own) before it ends, so no scrape can see it as the application's.
     """
     seconds = 0.0
     try:
@@ -201,9 +202,13 @@ def run_probe(conn: psycopg.Connection, probe: Probe) -> ProbeResult:
                     cur.fetchall()  # the time to receive the rows is part of the query's latency
             finally:
                 seconds = time.perf_counter() - started
+            if ledger is not None:
+                ledger.ending(ok=True)
             conn.execute(MARKER + "COMMIT")
         except psycopg.Error:
             if not conn.broken and not conn.closed:
+                if ledger is not None:
+                    ledger.ending(ok=False)
                 conn.execute(MARKER + "ROLLBACK")
             raise
         return ProbeResult(True, seconds)
@@ -368,10 +373,9 @@ class ProbeRunner:
                     if conn is None or conn.closed or conn.broken:
                         conn = connect(target, self.session)
                         ledger = self._ledger(target, conn)
-                    result = run_probe(conn, probe)
+                    result = run_probe(conn, probe, ledger)
                     if ledger is not None:
-                        ledger.record(ok=result.ok)
-                        ledger.flush(conn, MARKER)  # published now, so subtracted from the next scrape on
+                        ledger.flush(conn, MARKER)  # published now: the server's counters catch up at once
                 except psycopg.Error as exc:
                     conn, ledger = None, None
                     result = ProbeResult(False, 0.0, str(exc).strip().splitlines()[0], exc.sqlstate or "")

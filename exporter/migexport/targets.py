@@ -149,10 +149,10 @@ class TargetWorker:
         snap = Snapshot(self.name, up=False, duration_seconds=0.0)
         try:
             conn = self._connection()
-            server = self._server_info(conn)
             if self._ledger is None:
-                self._ledger = SessionLedger(self.own, server.version_num)
-            self._ledger.record(ok=True)  # the server-info statement
+                self._ledger = SessionLedger(self.own, conn.info.server_version)
+            self._ledger.ending(ok=True)  # the server-info statement
+            server = self._server_info(conn)
             ctx = Context(self.name, conn, server, self._ledger)
             self.queries_total += 1
         except psycopg.Error as exc:

@@ -44,17 +44,16 @@ class Context:
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple]:
         self.queries += 1
+        if self.ledger is not None:
+            self.ledger.ending(ok=True)  # an autocommit statement is a transaction of ours
         try:
             with self.conn.cursor() as cur:
                 cur.execute(MARKER + sql, params)  # type: ignore[arg-type]
-                rows = cur.fetchall()
+                return cur.fetchall()
         except psycopg.Error:
             if self.ledger is not None:
-                self.ledger.record(ok=False)
+                self.ledger.failed_instead(broken=self.conn.broken)
             raise
-        if self.ledger is not None:
-            self.ledger.record(ok=True)
-        return rows
 
     @property
     def own(self) -> OwnTransactions | None:
