@@ -146,92 +146,11 @@ def _immediate(t: Thresholds) -> list[Alert]:
 
 
 def _relative(t: Thresholds) -> list[Alert]:
-    """The checklist's "Consider rollback if" lines that compare with the baseline."""
-    n, window, sigmas = series_names(t), duration(t.rate_window_seconds), fmt(t.significance_sigmas)
-    latency_ratio, error_ratio = fmt(t.latency_degradation_ratio), fmt(t.error_rate_increase_ratio)
-    floor, lag_rollback = fmt(t.latency_floor_seconds), fmt(t.replication_lag_rollback_seconds)
-    probe_floor = fmt(t.probe_latency_floor_seconds)
-    p95 = 'migexport_baseline_probe_latency_seconds{quantile="0.95"}'
-    statement = (
-        with_baseline(
-            n.latency, ">", f"clamp_min(migexport_baseline_statement_latency_seconds, {floor}) * {latency_ratio}"
-        )
-        + f"\n  and on({JOIN}, target, migration_id) {n.latency_z} > {sigmas}"
-        + f"\n  and on({JOIN}, target) {n.calls} >= {fmt(t.latency_min_calls)}"
-    )
-    # A probe's p95 must also be above the highest p95 a window of as many runs showed at rest.
-    probe = (
-        with_baseline(n.probe_p95, ">", f"clamp_min({p95}, {probe_floor}) * {latency_ratio}", on="target, probe")
-        + f"\n  unless on({JOIN}, target, probe, migration_id) ("
-        + with_baseline(n.probe_p95, "<=", "migexport_baseline_probe_latency_window_max_seconds", on="target, probe")
-        + ")"
-        + f"\n  and on({JOIN}, target, probe) {n.probe_runs} >= {fmt(t.probe_min_runs)}"
-    )
-    error = (
-        with_baseline(n.error_ratio, ">", f"migexport_baseline_error_ratio * {error_ratio}")
-        + f" > {fmt(t.error_ratio_floor)}"
-        + f"\nand on({JOIN}, target, migration_id) {n.error_z} > {sigmas}"
-        + f"\nand on({JOIN}, target) {n.xacts} >= {fmt(t.error_min_transactions)}"
-    )
+    """The checklist's "Consider rollback if" lines."""
+    lag_rollback = fmt(t.replication_lag_rollback_seconds)
     return [
-        Alert(
-            "MigrationLatencyDegraded",
-            armed_same_migration(f"(\n  {statement}\n)\nor\n(\n  {probe}\n)"),
-            t.alert_for_seconds,
-            "warning",
-            CONSIDER,
-            "Response times are degraded beyond the rollback threshold.",
-            "{{ if $labels.probe }}{{ $labels.target }} probe {{ $labels.probe }}: p95 latency is "
-            "{{ $value | humanizeDuration }} over the last "
-            + window
-            + " against "
-            + baseline_value(
-                "migexport_baseline_probe_latency_seconds", "humanizeDuration", ',probe="%s",quantile="0.95"'
-            )
-            + " in the baseline (highest at rest: "
-            + baseline_value(
-                "migexport_baseline_probe_latency_window_max_seconds",
-                "humanizeDuration",
-                ',probe="%s"',
-                "none recorded",
-            )
-            + "){{ else }}{{ $labels.target }}: mean statement latency is {{ $value | humanizeDuration }} over "
-            "the last "
-            + window
-            + " against "
-            + baseline_value("migexport_baseline_statement_latency_seconds", "humanizeDuration")
-            + " in the baseline, "
-            + live_value(n.latency_z, 'printf "%.1f"', "target, migration_id")
-            + " standard deviations above its noise{{ end }} (threshold: × "
-            + latency_ratio
-            + ").",
-            f"statement latency or probe p95 > baseline × {latency_ratio}, beyond {sigmas}σ of the window's noise "
-            f"(≥ {fmt(t.latency_min_calls)} calls, ≥ {fmt(t.probe_min_runs)} probe runs), "
-            f"for {duration(t.alert_for_seconds)}",
-            "Consider rollback if: response times degraded >50%",
-        ),
-        Alert(
-            "MigrationErrorRateIncreased",
-            armed_same_migration(error),
-            t.alert_for_seconds,
-            "warning",
-            CONSIDER,
-            "The error rate rose beyond the rollback threshold.",
-            "{{ $labels.target }}: {{ $value | humanizePercentage }} of "
-            + live_value(n.xacts, 'printf "%.0f"')
-            + " transactions rolled back over the last "
-            + window
-            + ", against "
-            + baseline_value("migexport_baseline_error_ratio", "humanizePercentage")
-            + " in the baseline: "
-            + live_value(n.error_z, 'printf "%.1f"', "target, migration_id")
-            + " standard deviations above its noise (thresholds: × "
-            + error_ratio
-            + f", above {t.error_ratio_floor:.1%}).",
-            f"rollback ratio > baseline × {error_ratio} and > {t.error_ratio_floor:.0%}, beyond {sigmas}σ of the "
-            f"window's noise (≥ {fmt(t.error_min_transactions)} transactions), for {duration(t.alert_for_seconds)}",
-            "Consider rollback if: error rate increased >10%",
-        ),
+        _latency_degraded(t),
+        _error_rate_increased(t),
         Alert(
             "MigrationReplicationLagTooHigh",
             armed(
@@ -260,6 +179,97 @@ def _relative(t: Thresholds) -> list[Alert]:
             "Migration duration < 30 min (success criteria); `timeout 30m`",
         ),
     ]
+
+
+def _latency_degraded(t: Thresholds) -> Alert:
+    """Statement latency or a probe's p95 against the baseline, beyond the ratio and the noise."""
+    n, window, sigmas = series_names(t), duration(t.rate_window_seconds), fmt(t.significance_sigmas)
+    latency_ratio, floor = fmt(t.latency_degradation_ratio), fmt(t.latency_floor_seconds)
+    probe_floor = fmt(t.probe_latency_floor_seconds)
+    p95 = 'migexport_baseline_probe_latency_seconds{quantile="0.95"}'
+    statement = (
+        with_baseline(
+            n.latency, ">", f"clamp_min(migexport_baseline_statement_latency_seconds, {floor}) * {latency_ratio}"
+        )
+        + f"\n  and on({JOIN}, target, migration_id) {n.latency_z} > {sigmas}"
+        + f"\n  and on({JOIN}, target) {n.calls} >= {fmt(t.latency_min_calls)}"
+    )
+    # A probe's p95 must also be above the highest p95 a window of as many runs showed at rest.
+    probe = (
+        with_baseline(n.probe_p95, ">", f"clamp_min({p95}, {probe_floor}) * {latency_ratio}", on="target, probe")
+        + f"\n  unless on({JOIN}, target, probe, migration_id) ("
+        + with_baseline(n.probe_p95, "<=", "migexport_baseline_probe_latency_window_max_seconds", on="target, probe")
+        + ")"
+        + f"\n  and on({JOIN}, target, probe) {n.probe_runs} >= {fmt(t.probe_min_runs)}"
+    )
+    return Alert(
+        "MigrationLatencyDegraded",
+        armed_same_migration(f"(\n  {statement}\n)\nor\n(\n  {probe}\n)"),
+        t.alert_for_seconds,
+        "warning",
+        CONSIDER,
+        "Response times are degraded beyond the rollback threshold.",
+        "{{ if $labels.probe }}{{ $labels.target }} probe {{ $labels.probe }}: p95 latency is "
+        "{{ $value | humanizeDuration }} over the last "
+        + window
+        + " against "
+        + baseline_value("migexport_baseline_probe_latency_seconds", "humanizeDuration", ',probe="%s",quantile="0.95"')
+        + " in the baseline (highest at rest: "
+        + baseline_value(
+            "migexport_baseline_probe_latency_window_max_seconds",
+            "humanizeDuration",
+            ',probe="%s"',
+            "none recorded",
+        )
+        + "){{ else }}{{ $labels.target }}: mean statement latency is {{ $value | humanizeDuration }} over "
+        "the last "
+        + window
+        + " against "
+        + baseline_value("migexport_baseline_statement_latency_seconds", "humanizeDuration")
+        + " in the baseline, "
+        + live_value(n.latency_z, 'printf "%.1f"', "target, migration_id")
+        + " standard deviations above its noise{{ end }} (threshold: × "
+        + latency_ratio
+        + ").",
+        f"statement latency or probe p95 > baseline × {latency_ratio}, beyond {sigmas}σ of the window's noise "
+        f"(≥ {fmt(t.latency_min_calls)} calls, ≥ {fmt(t.probe_min_runs)} probe runs), "
+        f"for {duration(t.alert_for_seconds)}",
+        "Consider rollback if: response times degraded >50%",
+    )
+
+
+def _error_rate_increased(t: Thresholds) -> Alert:
+    """The rollback ratio against the baseline: beyond the ratio, the floor and the noise."""
+    n, window, sigmas = series_names(t), duration(t.rate_window_seconds), fmt(t.significance_sigmas)
+    error_ratio = fmt(t.error_rate_increase_ratio)
+    error = (
+        with_baseline(n.error_ratio, ">", f"migexport_baseline_error_ratio * {error_ratio}")
+        + f" > {fmt(t.error_ratio_floor)}"
+        + f"\nand on({JOIN}, target, migration_id) {n.error_z} > {sigmas}"
+        + f"\nand on({JOIN}, target) {n.xacts} >= {fmt(t.error_min_transactions)}"
+    )
+    return Alert(
+        "MigrationErrorRateIncreased",
+        armed_same_migration(error),
+        t.alert_for_seconds,
+        "warning",
+        CONSIDER,
+        "The error rate rose beyond the rollback threshold.",
+        "{{ $labels.target }}: {{ $value | humanizePercentage }} of "
+        + live_value(n.xacts, 'printf "%.0f"')
+        + " transactions rolled back over the last "
+        + window
+        + ", against "
+        + baseline_value("migexport_baseline_error_ratio", "humanizePercentage")
+        + " in the baseline: "
+        + live_value(n.error_z, 'printf "%.1f"', "target, migration_id")
+        + " standard deviations above its noise (thresholds: × "
+        + error_ratio
+        + f", above {t.error_ratio_floor:.1%}).",
+        f"rollback ratio > baseline × {error_ratio} and > {t.error_ratio_floor:.0%}, beyond {sigmas}σ of the "
+        f"window's noise (≥ {fmt(t.error_min_transactions)} transactions), for {duration(t.alert_for_seconds)}",
+        "Consider rollback if: error rate increased >10%",
+    )
 
 
 def _watch(t: Thresholds) -> list[Alert]:
@@ -306,37 +316,42 @@ def _watch(t: Thresholds) -> list[Alert]:
             f"replication lag > {duration(t.replication_lag_watch_seconds)}",
             "Replication lag < threshold",
         ),
-        Alert(
-            "MigrationConnectionsUnstable",
-            # Two reasons, told apart by a label: the description reads differently for each.
-            armed_same_migration(
-                "label_replace(\n"
-                f"  abs(migexport:connections:sum - on({JOIN}, target) group_left(migration_id) "
-                "migexport_baseline_connections)\n"
-                f"  / on({JOIN}, target) group_left(migration_id)\n"
-                f"  clamp_min(migexport_baseline_connections, {fmt(t.connections_floor)})\n"
-                f"  > {fmt(t.connections_change_ratio)},\n"
-                '  "reason", "baseline", "", "")'
-            )
-            + "\nor\n"
-            + armed(
-                "label_replace(\n"
-                f"  migexport:connections:sum / on({JOIN}, target) migexport_connections_max"
-                f" > {fmt(t.connections_utilisation_max)},\n"
-                '  "reason", "limit", "", "")'
-            ),
-            t.alert_for_seconds,
-            "warning",
-            WATCH,
-            "The connection count is far from its baseline or close to the limit.",
-            '{{ $labels.target }}: {{ if eq $labels.reason "limit" }}connections are at '
-            "{{ $value | humanizePercentage }} of max_connections"
-            "{{ else }}connections are {{ $value | humanizePercentage }} away from the baseline{{ end }}.",
-            f"connections off the baseline (at least {fmt(t.connections_floor)}) by > "
-            f"{t.connections_change_ratio:.0%}, or > {t.connections_utilisation_max:.0%} of max_connections",
-            "Connection count stable",
-        ),
+        _connections_unstable(t),
     ]
+
+
+def _connections_unstable(t: Thresholds) -> Alert:
+    """Connections far from the baseline, or close to max_connections: a label says which."""
+    return Alert(
+        "MigrationConnectionsUnstable",
+        # Two reasons, told apart by a label: the description reads differently for each.
+        armed_same_migration(
+            "label_replace(\n"
+            f"  abs(migexport:connections:sum - on({JOIN}, target) group_left(migration_id) "
+            "migexport_baseline_connections)\n"
+            f"  / on({JOIN}, target) group_left(migration_id)\n"
+            f"  clamp_min(migexport_baseline_connections, {fmt(t.connections_floor)})\n"
+            f"  > {fmt(t.connections_change_ratio)},\n"
+            '  "reason", "baseline", "", "")'
+        )
+        + "\nor\n"
+        + armed(
+            "label_replace(\n"
+            f"  migexport:connections:sum / on({JOIN}, target) migexport_connections_max"
+            f" > {fmt(t.connections_utilisation_max)},\n"
+            '  "reason", "limit", "", "")'
+        ),
+        t.alert_for_seconds,
+        "warning",
+        WATCH,
+        "The connection count is far from its baseline or close to the limit.",
+        '{{ $labels.target }}: {{ if eq $labels.reason "limit" }}connections are at '
+        "{{ $value | humanizePercentage }} of max_connections"
+        "{{ else }}connections are {{ $value | humanizePercentage }} away from the baseline{{ end }}.",
+        f"connections off the baseline (at least {fmt(t.connections_floor)}) by > "
+        f"{t.connections_change_ratio:.0%}, or > {t.connections_utilisation_max:.0%} of max_connections",
+        "Connection count stable",
+    )
 
 
 def _blind_spots(t: Thresholds) -> list[Alert]:
