@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from migexport import strictjson
 from migexport.state import write_atomic
 
 FORMAT = "migexport-baseline"
@@ -70,41 +70,11 @@ def write_baseline(path: Path, doc: dict[str, Any], force: bool) -> None:
     write_atomic(path, json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-class _Refused(ValueError):
-    """Raised by the JSON hooks for a value no baseline can hold."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not a number a baseline can hold")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Refused(f"{text[:20]} is out of range")
-    return value
-
-
-def _small_int(text: str) -> int:
-    # 20 digits are beyond any count or byte size; longer ones would only overflow float() later.
-    if len(text.lstrip("-")) > 20:
-        raise _Refused(f"integer of {len(text)} digits is out of range")
-    return int(text)
-
-
 def _parse(path: Path, data: bytes) -> Any:
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BaselineError(f"{path}: not UTF-8 text (byte {exc.start}): not a migexport baseline file") from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_small_int)
-    except json.JSONDecodeError as exc:
-        raise BaselineError(f"{path}: not valid JSON (truncated or edited?) at line {exc.lineno}: {exc.msg}") from None
-    except ValueError as exc:  # _Refused, and the interpreter's own limit on integer digits
-        raise BaselineError(f"{path}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BaselineError(f"{path}: not a migexport baseline file (nested too deeply)") from None
+        return strictjson.loads(data)
+    except strictjson.JsonRefused as exc:
+        raise BaselineError(f"{path}: {exc}: not a migexport baseline file") from None
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migexport import strictjson
+
 FORMAT = "migexport-state"
 VERSION = 1
 
@@ -179,37 +181,11 @@ class StateError(ValueError):
     pass
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number a state file can hold")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as inf
-        raise ValueError(f"{text[:20]} is out of range")
-    return value
-
-
-def _small_int(text: str) -> int:
-    # Cheap before int() (which refuses > 4300 digits only after scanning them all).
-    if len(text.lstrip("-")) > 19:
-        raise ValueError(f"integer {text[:20]}... is out of range")
-    return int(text)
-
-
 def _parse(path: Path, data: bytes) -> Any:
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise StateError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_small_int)
-    except json.JSONDecodeError as exc:
-        raise StateError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    except ValueError as exc:
-        raise StateError(f"{path}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise StateError(f"{path}: not a migexport state file (nested too deeply)") from None
+        return strictjson.loads(data)
+    except strictjson.JsonRefused as exc:
+        raise StateError(f"{path}: {exc}: not a migexport state file") from None
 
 
 class _Fields:

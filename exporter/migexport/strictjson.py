@@ -1,0 +1,52 @@
+"""JSON from files that other programs (or people, or a full disk) may have written: any bytes give a
+value or one printable line, never a traceback, an infinity, or a number float() cannot hold.
+
+Used by the state and baseline readers, whose values end up as metric samples and label values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+class JsonRefused(ValueError):
+    """The bytes are not JSON a migexport file can hold; the message is one printable line."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise JsonRefused(f"{name} is not a number a migexport file can hold")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise JsonRefused(f"{text[:20]} is out of range")
+    return value
+
+
+def _small_int(text: str) -> int:
+    # 20 digits are beyond any count, pid or byte size; checked before int(), which refuses more than
+    # 4300 digits only after scanning them all.
+    if len(text.lstrip("-")) > 20:
+        raise JsonRefused(f"integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+def loads(data: bytes) -> Any:
+    """Parse `data` or raise JsonRefused with one line saying why."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonRefused(f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_small_int)
+    except json.JSONDecodeError as exc:
+        raise JsonRefused(f"not valid JSON (truncated or edited?) at line {exc.lineno}: {exc.msg}") from None
+    except JsonRefused:
+        raise
+    except ValueError as exc:  # the interpreter's own limit on integer digits
+        raise JsonRefused(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise JsonRefused("nested too deeply") from None
