@@ -15,6 +15,7 @@ def test_init_writes_the_example_which_loads_with_the_checklist_defaults(tmp_pat
     proc = run_cli("init", str(path))
     assert proc.returncode == 0, proc.stderr
     assert path.read_text() == EXAMPLE_CONFIG
+    assert path.stat().st_mode & 0o077 == 0  # private: a config may come to hold a password
     config = load_config(path, environ={"MIGEXPORT_PRIMARY_DSN": "host=db1 dbname=app"})
     assert config.thresholds == Thresholds()  # the file states exactly the defaults
     assert config.thresholds.latency_degradation_ratio == 1.5  # "response times degraded >50%"

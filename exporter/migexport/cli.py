@@ -145,12 +145,12 @@ def serve(
     exporter.stop()
 
 
-def _write_new(path: Path, text: str, force: bool) -> None:
+def _write_new(path: Path, text: str, force: bool, mode: int = 0o644) -> None:
     """Write a file the user asked for, atomically; never replace one without --force."""
     if path.exists() and not force:
         raise UserError(f"{path} exists; use --force to replace it")
     try:
-        write_atomic(path, text)
+        write_atomic(path, text, mode)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
@@ -165,7 +165,8 @@ def _ms(name: str, text: str | None, default: int) -> int:
 def init(path: str, force: bool) -> None:
     """Write an annotated example config file (default: migexport.yml)."""
     target = Path(path)
-    _write_new(target, EXAMPLE_CONFIG, force)
+    # Private: a config may end up holding a DSN with a password (the example reads it from the environment).
+    _write_new(target, EXAMPLE_CONFIG, force, mode=0o600)
     click.echo(f"wrote {target}: edit its targets and migration, then run 'migexport baseline -c {target}'")
 
 
