@@ -278,7 +278,12 @@ def _print_baseline(doc: dict) -> None:
 def rules(config_path: str | None, output_format: str, runbook_base_url: str, output: str | None, force: bool) -> None:
     """Render the alert and recording rules from the config's thresholds (default: the checklist's)."""
     config = _load_config(config_path)
-    text = render(config.thresholds if config else Thresholds(), runbook_base_url, output_format)
+    text = render(
+        config.thresholds if config else Thresholds(),
+        runbook_base_url,
+        output_format,
+        (config.migration if config else Migration()).watch_window_seconds,
+    )
     if output is None:
         click.echo(text, nl=False)
         return

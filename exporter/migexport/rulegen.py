@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 from migexport.alertdefs import CONSIDER, INVESTIGATE, ROLLBACK, WATCH, Alert, alerts
-from migexport.config import Thresholds
+from migexport.config import Migration, Thresholds
 from migexport.recording import recording_rules
+from migexport.success import success_rules
 
 __all__ = [
     "CONSIDER",
@@ -38,11 +39,17 @@ HEADER = (
 DEFAULT_RUNBOOK_BASE = "https://github.com/migexport/migexport/blob/main/rules/runbooks"
 
 
-def rule_groups(t: Thresholds, runbook_base: str = DEFAULT_RUNBOOK_BASE) -> dict[str, Any]:
+def rule_groups(
+    t: Thresholds,
+    runbook_base: str = DEFAULT_RUNBOOK_BASE,
+    watch_window_seconds: float = Migration().watch_window_seconds,
+) -> dict[str, Any]:
     return {
         "groups": [
             {"name": "migexport.recording", "rules": recording_rules(t)},
             {"name": "migexport.alerts", "rules": [a.rule(runbook_base) for a in alerts(t)]},
+            # The success criteria read ALERTS (rollback_required) and judge the whole watch window.
+            {"name": "migexport.success", "rules": success_rules(t, watch_window_seconds)},
         ]
     }
 
@@ -60,8 +67,14 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def render(t: Thresholds, runbook_base: str = DEFAULT_RUNBOOK_BASE, fmt_: str = "prometheus") -> str:
-    groups = rule_groups(t, runbook_base)
+def render(
+    t: Thresholds,
+    runbook_base: str = DEFAULT_RUNBOOK_BASE,
+    fmt_: str = "prometheus",
+    watch_window_seconds: float = Migration().watch_window_seconds,
+) -> str:
+    """The rules file; the success criteria judge the migration over `watch_window_seconds`."""
+    groups = rule_groups(t, runbook_base, watch_window_seconds)
     if fmt_ == "prometheus-operator":
         doc: dict[str, Any] = {
             "apiVersion": "monitoring.coreos.com/v1",

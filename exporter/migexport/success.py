@@ -1,0 +1,117 @@
+"""The checklist's success-criteria table as recording rules: per migration and criterion, the target,
+the actual value and whether it passed. One source for the dashboard, the report and anyone's query.
+
+- duration: end − start, or elapsed while running; target the migration's time budget
+  (`migration.time_budget`, `run --time-limit`); passed when actual < target.
+- error_rate_change: the error ratio over the watch window − the baseline's (absolute); target
+  `success_error_rate_change_max` (0.01: one point); passed when actual < target.
+- response_time_change: (live − baseline) / floored baseline, the worst of the statement latency and every
+  probe's p95 over the watch window; target `success_latency_change_max` (0.10); passed when actual < target.
+- rollback_required: 1 once an `action="rollback"` alert fired for the migration, else 0; target 0; passed
+  when actual ≤ target.
+- data_integrity: reserved, no data until a verification feeds it; target 1 (100 %).
+
+Live values use the same estimators as the alerts (counts with the exporter's own left out, Δexec/Δcalls,
+histogram_quantile over the probe buckets), over the watch window instead of the rate window: the
+table judges the whole migration, the alerts the last minutes. Baselines are floored as in the alerts,
+so a change of microseconds on a sub-millisecond baseline does not read as +50 %.
+"""
+
+from __future__ import annotations
+
+from migexport.config import Thresholds
+from migexport.promql import JOIN, duration, fmt
+
+TARGET = "migexport:success_criterion:target"
+ACTUAL = "migexport:success_criterion:actual"
+PASSED = "migexport:success_criterion:passed"
+CRITERIA = ("duration", "error_rate_change", "response_time_change", "rollback_required", "data_integrity")
+BY_MIGRATION = f"{JOIN}, migration_id"
+# Exists exactly while the exporter exports a migration (its state file holds one).
+MIGRATION = f"max by ({BY_MIGRATION}) (migexport_migration_start_timestamp_seconds)"
+
+
+def _rule(record: str, criterion: str, expr: str) -> dict[str, object]:
+    # A static label rather than label_replace(): one rule per (name, criterion), which promtool's lint
+    # can tell apart.
+    return {"record": record, "expr": expr, "labels": {"criterion": criterion}}
+
+
+def _constant(value: float) -> str:
+    """A number per migration (the series exist while a migration does)."""
+    return f"{MIGRATION} * 0 + {fmt(value)}"
+
+
+def success_rules(t: Thresholds, watch_window_seconds: float) -> list[dict[str, object]]:
+    """Targets first, then actual values, then passed: one group evaluates them in this order."""
+    return _targets(t) + _actuals(t, duration(watch_window_seconds)) + _passed()
+
+
+def _targets(t: Thresholds) -> list[dict[str, object]]:
+    budget = f"max by ({BY_MIGRATION}) (migexport_migration_time_budget_seconds)\nand on({BY_MIGRATION}) {MIGRATION}"
+    return [
+        _rule(TARGET, "duration", budget),
+        _rule(TARGET, "error_rate_change", _constant(t.success_error_rate_change_max)),
+        _rule(TARGET, "response_time_change", _constant(t.success_latency_change_max)),
+        _rule(TARGET, "rollback_required", _constant(0)),
+        _rule(TARGET, "data_integrity", _constant(1)),
+    ]
+
+
+def _actuals(t: Thresholds, w: str) -> list[dict[str, object]]:
+    by = f"sum by ({JOIN}, target)"
+    elapsed = (
+        f"max by ({BY_MIGRATION}) (\n"
+        "  migexport_migration_end_timestamp_seconds - migexport_migration_start_timestamp_seconds\n)"
+        f"\nor (time() - {MIGRATION})"
+    )
+    error_ratio = (
+        f"{by} (increase(migexport_xact_rollback_total[{w}]))\n"
+        f"/ ({by} (increase(migexport_xact_commit_total[{w}]) + increase(migexport_xact_rollback_total[{w}])) > 0)"
+    )
+    error_change = (
+        f"max by ({BY_MIGRATION}) (\n({error_ratio})\n"
+        f"- on({JOIN}, target) group_left(migration_id) migexport_baseline_error_ratio\n)"
+    )
+    latency = (
+        f"{by} (increase(migexport_statements_exec_seconds_total[{w}]))\n"
+        f"/ ({by} (increase(migexport_statements_calls_total[{w}])) > 0)"
+    )
+    base_latency = f"clamp_min(migexport_baseline_statement_latency_seconds, {fmt(t.latency_floor_seconds)})"
+    p95 = (
+        "histogram_quantile(0.95, sum by (job, instance, target, probe, le) "
+        f"(increase(migexport_probe_duration_seconds_bucket[{w}])))"
+    )
+    base_p95 = 'migexport_baseline_probe_latency_seconds{quantile="0.95"}'
+    response_change = (
+        f"max by ({BY_MIGRATION}) (\n"
+        f"  ({latency}\n  - on({JOIN}, target) group_left(migration_id) migexport_baseline_statement_latency_seconds)\n"
+        f"  / on({JOIN}, target, migration_id) {base_latency}\n"
+        "or\n"
+        f"  ({p95}\n  - on({JOIN}, target, probe) group_left(migration_id) {base_p95})\n"
+        f"  / on({JOIN}, target, probe, migration_id) "
+        f"clamp_min({base_p95}, {fmt(t.probe_latency_floor_seconds)})\n)"
+    )
+    # A latch: once a rollback alert fired for the migration, the row stays 1 for as long as the
+    # exporter exports that migration (its own previous value keeps it; ALERTS forget).
+    rollback = (
+        f'max by ({BY_MIGRATION}) (ALERTS{{alertstate="firing", action="rollback"}})\n'
+        f'or max by ({BY_MIGRATION}) ({ACTUAL}{{criterion="rollback_required"}} > 0)\n'
+        f"or {MIGRATION} * 0"
+    )
+    only_while_exported = f"\nand on({BY_MIGRATION}) {MIGRATION}"
+    return [
+        _rule(ACTUAL, "duration", f"({elapsed}){only_while_exported}"),
+        _rule(ACTUAL, "error_rate_change", f"({error_change}){only_while_exported}"),
+        _rule(ACTUAL, "response_time_change", f"({response_change}){only_while_exported}"),
+        _rule(ACTUAL, "rollback_required", f"({rollback}){only_while_exported}"),
+    ]
+
+
+def _passed() -> list[dict[str, object]]:
+    def compare(criterion: str, op: str) -> dict[str, object]:
+        selector = f'{{criterion="{criterion}"}}'
+        return _rule(PASSED, criterion, f"{ACTUAL}{selector}\n{op} bool on({BY_MIGRATION}) {TARGET}{selector}")
+
+    # data_integrity has a target and nothing else until a verification feeds it: no data, not FAIL.
+    return [compare(c, "<=" if c == "rollback_required" else "<") for c in CRITERIA if c != "data_integrity"]
