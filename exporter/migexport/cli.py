@@ -20,6 +20,7 @@ from migexport.baseline import BaselineIncomplete, summary_rows
 from migexport.baseline import capture as capture_baseline
 from migexport.baseline_file import BaselineError, read_baseline, write_baseline
 from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, Thresholds, load_config
+from migexport.dashboards import render as render_dashboards
 from migexport.dsn import TargetError, parse_targets, redact
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, render
 from migexport.run import RunError, ServerSide, run_migration
@@ -288,6 +289,31 @@ def rules(config_path: str | None, output_format: str, runbook_base_url: str, ou
         click.echo(text, nl=False)
         return
     _write_new(Path(output), text, force)
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option(
+    "--output", "-o", "output_dir", metavar="DIR", required=True, help="Write migration.json and database.json here."
+)
+@click.option("--force", is_flag=True, help="Replace the files if they exist.")
+def dashboards(config_path: str | None, output_dir: str, force: bool) -> None:
+    """Render the Grafana dashboards from the config's thresholds (default: the checklist's)."""
+    config = _load_config(config_path)
+    texts = render_dashboards(
+        config.thresholds if config else Thresholds(), config.migration if config else Migration()
+    )
+    directory = Path(output_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {directory}: {exc.strerror}") from None
+    for name in texts:
+        if (directory / name).exists() and not force:
+            raise UserError(f"{directory / name} exists; use --force to replace it")
+    for name, text in texts.items():
+        _write_new(directory / name, text, force)
+        click.echo(f"wrote {directory / name}")
 
 
 @cli.command("show-baseline")
