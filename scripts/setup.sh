@@ -34,6 +34,11 @@ ensure_prometheus_tools() {
   if [ ${#pkgs[@]} -gt 0 ]; then apt_install "${pkgs[@]}"; fi
 }
 
+# docker-compose.yml is validated with `docker-compose config` (Debian's 1.29; no container engine needed).
+ensure_compose_tools() {
+  command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
+}
+
 # A virtualenv in .venv: Debian's own Python refuses system-wide pip installs (PEP 668).
 ensure_venv() {
   local extras="$1"
