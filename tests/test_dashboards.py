@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
+import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -13,12 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from grafana_foundation_sdk.models.dashboard import Dashboard
+from test_baseline_gauges import make_doc
 
-from conftest import prometheus_server
-from migexport.config import Migration, Thresholds
+from conftest import ddl_lock_queue, monitor_dsn, prometheus_server, wait_for
+from migexport.baseline_file import write_baseline
+from migexport.config import App, Migration, Probe, Thresholds
 from migexport.dashboards import DATABASE_UID, FILES, MARKER, MIGRATION_UID, render
-from test_cli import run_cli
+from migexport.dsn import Target
+from migexport.rulegen import render as render_rules
+from migexport.service import Exporter, ServeSettings
+from test_cli import migexport_argv, run_cli
 
 ROOT = Path(__file__).parent.parent
 DIR = ROOT / "dashboards"
@@ -301,3 +310,115 @@ def test_every_query_parses_in_prometheus(docs, tmp_path: Path):
             for where, expr, _ in queries(doc):
                 body = evaluate(prom.url, as_promql(expr))
                 assert body["status"] == "success", f"{name}: {where}: {body}"
+
+
+# --- every query against a Prometheus that scraped a real exporter during an induced migration -----------
+
+LIVE_ID = "dash"
+# Short and low where it helps a condition show within the test (an alert firing, the lag lines), so the
+# dashboards are rendered from these too: the queries are the committed ones with other numbers.
+LIVE_THRESHOLDS = Thresholds(
+    lock_wait_seconds=1,
+    blocking_seconds=1,
+    replication_lag_watch_seconds=1,
+    alert_for_seconds=1,
+    critical_for_seconds=1,
+)
+# Queries that may return nothing here, with the condition the test did not induce: (file, where) → why.
+# Empty: the test induces every condition a query needs (a running then finished migration, a lock queue
+# behind the migration's ALTER, paused replay, rollbacks, a probe, an unreachable health URL, a baseline
+# with a probe, an alert firing). A deadlock is not induced, but increase() of an unmoved counter is 0.
+NOT_INDUCED: dict[tuple[str, str], str] = {}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def live_baseline(path: Path) -> None:
+    doc = make_doc()
+    doc["migration_id"] = LIVE_ID
+    doc["probes"] = {"one": {**doc["probes"]["recent_orders"], "target": "primary"}}
+    write_baseline(path, doc, force=True)
+
+
+def snapshot(url: str, docs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """(file, where) → how many series the query returns now."""
+    out = {}
+    for name, doc in docs.items():
+        for where, expr, _ in queries(doc):
+            body = evaluate(url, as_promql(expr))
+            assert body["status"] == "success", f"{name}: {where}: {body}"
+            out[(name, where)] = len(body["data"]["result"])
+    return out
+
+
+def test_every_query_returns_data_from_a_live_exporter(pg, tmp_path: Path):
+    migration = Migration(id=LIVE_ID, session_application_name="migration", watch_window_seconds=3600)
+    docs = {name: json.loads(text) for name, text in render(LIVE_THRESHOLDS, migration).items()}
+    rules = tmp_path / "rules.yml"
+    rules.write_text(render_rules(LIVE_THRESHOLDS, watch_window_seconds=migration.watch_window_seconds))
+    live_baseline(tmp_path / "baseline.json")
+    exporter = Exporter(
+        ServeSettings(
+            targets=[Target("primary", monitor_dsn(pg.primary)), Target("replica1", monitor_dsn(pg.replicas[0]))],
+            host="127.0.0.1",
+            port=0,
+            migration=migration,
+            state_path=tmp_path / "state.json",
+            baseline_path=tmp_path / "baseline.json",
+            probes=(Probe("one", "SELECT 1", "primary", interval_seconds=0.5),),
+            apps=(App("web", f"http://127.0.0.1:{closed_port()}/healthz", interval_seconds=0.5, timeout_seconds=1),),
+        )
+    ).start()
+    prom_config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            {"job_name": "migexport", "static_configs": [{"targets": [exporter.url.removeprefix("http://")]}]}
+        ],
+    }
+    run = [*migexport_argv(), "run", "--id", LIVE_ID, "--log-file", str(tmp_path / "migration.log")]
+    run += ["--state-file", str(tmp_path / "state.json"), "--"]
+    seen: dict[tuple[str, str], int] = {}
+    try:
+        with prometheus_server(tmp_path, yaml.safe_dump(prom_config)) as prom, pg.primary.connect() as app:
+            app.execute("CREATE TABLE IF NOT EXISTS dash_writes (i int)")
+
+            def workload(n: int = 20) -> None:
+                for i in range(n):
+                    app.execute("INSERT INTO dash_writes VALUES (%s)", (i,))
+                app.execute("BEGIN")
+                app.execute("SELECT 1")
+                app.execute("ROLLBACK")
+
+            wait_for(lambda: prom.query('migexport_up{target="replica1"} == 1') != [], timeout=30, what="a scrape")
+            migration_run = subprocess.Popen([*run, "sleep", "25"], stdout=subprocess.DEVNULL)
+            try:
+                wait_for(lambda: prom.query("migexport_migration_in_progress == 1") != [], timeout=15)
+                with ddl_lock_queue(pg.primary, "dash_t", alter_app="migration"), pg.replicas[0].connect() as replica:
+                    replica.execute("SELECT pg_wal_replay_pause()")
+                    try:
+                        deadline = time.monotonic() + 12
+                        while time.monotonic() < deadline:
+                            workload()
+                            time.sleep(0.5)
+                        wait_for(lambda: prom.query('ALERTS{alertstate="firing"}') != [], timeout=20)
+                        for key, n in snapshot(prom.url, docs).items():
+                            seen[key] = max(seen.get(key, 0), n)
+                    finally:
+                        replica.execute("SELECT pg_wal_replay_resume()")
+            finally:
+                assert migration_run.wait(timeout=40) == 0
+            wait_for(lambda: prom.query("migexport_migration_end_timestamp_seconds") != [], timeout=15)
+            workload()
+            time.sleep(3)
+            for key, n in snapshot(prom.url, docs).items():
+                seen[key] = max(seen.get(key, 0), n)
+    finally:
+        exporter.stop()
+    empty = {key for key, n in seen.items() if n == 0}
+    expected = set(NOT_INDUCED)
+    assert empty == expected, f"queries without data: {sorted(empty)}"
