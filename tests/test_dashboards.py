@@ -270,6 +270,22 @@ def test_a_threshold_changes_exactly_its_numbers(field):
                 assert any(n in now[path] for n in numbers), (field, path, now[path])
 
 
+@pytest.mark.parametrize(
+    ("field", "numbers"), [("time_budget_seconds", {3600, 2880}), ("watch_window_seconds", {"7200", "2h"})]
+)
+def test_the_migrations_budget_and_watch_window_change_only_their_numbers(field, numbers):
+    new = 7200 if field == "watch_window_seconds" else 3600
+    before = render(Thresholds(), Migration())
+    after = render(Thresholds(), dataclasses.replace(Migration(), **{field: new}))
+    assert before["database.json"] == after["database.json"]
+    old, now = leaves(json.loads(before["migration.json"])), leaves(json.loads(after["migration.json"]))
+    differing = [p for p in old if old[p] != now[p]]
+    assert differing
+    for path in differing:
+        value = now[path]
+        assert value in numbers if isinstance(value, float | int) else any(str(n) in value for n in numbers), path
+
+
 def test_the_command_writes_both_files_and_refuses_to_overwrite(tmp_path: Path):
     config = tmp_path / "migexport.yml"
     config.write_text(

@@ -384,7 +384,12 @@ def _migration_top(lay: Layout, t: Thresholds, m: Migration) -> None:
             "s",
             _q(elapsed, "elapsed", "A", instant=True),
             _q(f"migexport_migration_time_budget_seconds{{{M}}}", "budget", "B", instant=True),
-        ).thresholds(_steps((None, "green"), (0.8 * m.time_budget_seconds, "orange"), (m.time_budget_seconds, "red"))),
+        )
+        .thresholds(_steps((None, "green"), (0.8 * m.time_budget_seconds, "orange"), (m.time_budget_seconds, "red")))
+        # The budget is the reference, not a value to colour by the thresholds.
+        .override_by_name(
+            "budget", [DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": "text"})]
+        ),
         6,
         5,
     )
@@ -422,7 +427,8 @@ def _migration_top(lay: Layout, t: Thresholds, m: Migration) -> None:
             "Success criteria",
             f"The checklist's success criteria ({CRITERIA}): target, actual value and PASS/FAIL per migration, from "
             "the recording rules migexport:success_criterion:target|actual|passed. NO DATA: not computed yet "
-            "(data integrity: until a verification feeds it).",
+            "(data integrity: until a verification feeds it). Units: duration in seconds; the changes as ratios (0.1 = "
+            "10 %); rollback_required 1 = yes.",
             "none",
             _q(f"migexport:success_criterion:passed{{{M}}}", "", "A", instant=True, table_format=True),
             _q(f"migexport:success_criterion:actual{{{M}}}", "", "B", instant=True, table_format=True),
@@ -431,7 +437,7 @@ def _migration_top(lay: Layout, t: Thresholds, m: Migration) -> None:
         .with_transformation(
             _organize(
                 ["Time", "__name__", "job", "instance"],
-                {"Value #A": "result", "Value #B": "actual", "Value #C": "target"},
+                {"Value #A": "result", "Value #B": "actual", "Value #C": "target value"},
             )
         )
         .override_by_name(
