@@ -29,7 +29,7 @@ import pytest
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from conftest import require_binary
+from conftest import require_binary, wait_for
 from migexport import localpg
 from migexport.config import load_config
 
@@ -401,23 +401,14 @@ def fresh_pg():
         yield setup.primary
 
 
-def psql(cluster: localpg.LocalCluster, *args: str, user: str = "postgres", env: dict | None = None) -> str:
-    proc = subprocess.run(
-        [str(cluster.bindir / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(cluster.port),
-         "-U", user, "-d", "app", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def test_initdb_migration_and_workload_on_a_real_server(fresh_pg: localpg.LocalCluster, tmp_path: Path) -> None:
-    """What the primary's first start runs (in the image's order), then the demo migration as `migrate`
-    runs it and a transaction of the workload: each on a real PostgreSQL, each role with only its grants."""
+@pytest.fixture(scope="module")
+def stack_primary(fresh_pg: localpg.LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A primary after what the postgres image runs on its first start (deploy/initdb/, in its order);
+    with the pg_hba.conf the roles script appended to."""
     cluster = fresh_pg
     with cluster.connect() as conn:
         conn.execute("CREATE DATABASE app")
-    pgdata = tmp_path / "pgdata"
+    pgdata = tmp_path_factory.mktemp("initdb") / "pgdata"
     pgdata.mkdir()
     (pgdata / "pg_hba.conf").write_text("host all all all scram-sha-256\n")
     for script in sorted((DEPLOY / "initdb").iterdir()):
@@ -435,6 +426,23 @@ def test_initdb_migration_and_workload_on_a_real_server(fresh_pg: localpg.LocalC
             }
             proc = subprocess.run(["bash", str(script)], env={**os.environ, **env}, capture_output=True, text=True)
             assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cluster, pgdata
+
+
+def psql(cluster: localpg.LocalCluster, *args: str, user: str = "postgres", env: dict | None = None) -> str:
+    proc = subprocess.run(
+        [str(cluster.bindir / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(cluster.port),
+         "-U", user, "-d", "app", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_initdb_migration_and_workload_on_a_real_server(stack_primary: tuple, tmp_path: Path) -> None:
+    """What the primary's first start runs (in the image's order), then the demo migration as `migrate`
+    runs it and a transaction of the workload: each on a real PostgreSQL, each role with only its grants."""
+    cluster, pgdata = stack_primary
     assert "host replication replicator all scram-sha-256" in (pgdata / "pg_hba.conf").read_text()
 
     with cluster.connect(dbname="app") as conn:
@@ -489,3 +497,67 @@ def test_initdb_migration_and_workload_on_a_real_server(fresh_pg: localpg.LocalC
     with psycopg.connect(cluster.dsn("app", "app")) as conn:
         app.one_transaction(conn, error_rate=0.0)
         assert conn.execute("SELECT status FROM shop.orders ORDER BY id DESC LIMIT 1").fetchone()[0] == "new"
+
+
+def as_postgres() -> list[str]:
+    """As the replica service runs: the postgres user (postgres refuses to run as root)."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def test_replica_entrypoint_clones_the_primary_and_streams(stack_primary: tuple, tmp_path: Path) -> None:
+    """deploy/replica/entrypoint.sh, as the replica service runs it (as postgres, with the replication
+    secret), against the initialised primary: it clones through slot replica1 and streams."""
+    cluster, _ = stack_primary
+    base = localpg.make_base_dir("migexport-compose-replica-")  # the postgres user's, as the volume is
+    pgdata = base / "pgdata"
+    port = localpg.free_port()
+    env = {
+        "PGDATA": str(pgdata),
+        "PRIMARY_HOST": "127.0.0.1",
+        "PRIMARY_PORT": str(cluster.port),
+        "SECRETS_DIR": str(DEPLOY / "secrets"),
+        "PATH": f"{cluster.bindir}:{os.environ['PATH']}",
+    }
+    script = DEPLOY / "replica" / "entrypoint.sh"
+    args = ["-c", f"port={port}", "-c", f"unix_socket_directories={base}", "-c", "listen_addresses=127.0.0.1"]
+    argv = ["env", *(f"{k}={v}" for k, v in env.items()), "bash", str(script), *args]
+    argv = [*as_postgres(), *argv]
+    log = open(base / "replica.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    replica = localpg.LocalCluster(name="replica", datadir=pgdata, port=port, bindir=cluster.bindir)
+
+    def streaming() -> bool:
+        try:
+            with replica.connect() as conn:
+                return conn.execute("SELECT status FROM pg_stat_wal_receiver").fetchone() == ("streaming",)
+        except psycopg.OperationalError:
+            return proc.poll() is not None
+
+    try:
+        wait_for(streaming, timeout=60, what="the replica to stream")
+        assert proc.poll() is None, (base / "replica.log").read_text()
+        with replica.connect(dbname="app") as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            assert conn.execute("SELECT slot_name FROM pg_stat_wal_receiver").fetchone()[0] == "replica1"
+            assert conn.execute("SHOW shared_preload_libraries").fetchone()[0] == "pg_stat_statements"
+        # The probe of deploy/migexport.yml's replica target answers, as migexport.
+        with psycopg.connect(replica.dsn("app", "migexport"), autocommit=True) as conn:
+            probe = next(p for p in load_config(config_for_tests(tmp_path)).probes if p.target == "replica")
+            assert conn.execute(probe.sql).fetchone()[0] >= 0
+        with cluster.connect() as conn:
+            assert conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'replica1'").fetchone()[0]
+        # A restart of the container must reconnect: the clone keeps the replication password.
+        auto_conf = subprocess.run(
+            [*as_postgres(), "cat", str(pgdata / "postgresql.auto.conf")], capture_output=True, text=True, check=True
+        ).stdout
+        assert "primary_conninfo" in auto_conf and "password=" in auto_conf
+    finally:
+        stop = [str(cluster.bindir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "-w", "stop"]
+        subprocess.run([*as_postgres(), *stop], capture_output=True, check=False)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)

@@ -5,16 +5,20 @@
 set -euo pipefail
 
 : "${PGDATA:=/var/lib/postgresql/data/pgdata}"
-PGPASSWORD="$(tr -d '\r\n' < /run/secrets/replication_password)"
+# Overridable for tests/test_compose.py, which runs this script against a real primary.
+PRIMARY_HOST="${PRIMARY_HOST:-primary}"
+PRIMARY_PORT="${PRIMARY_PORT:-5432}"
+SECRETS_DIR="${SECRETS_DIR:-/run/secrets}"
+PGPASSWORD="$(tr -d '\r\n' < "$SECRETS_DIR/replication_password")"
 export PGPASSWORD
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
-  until pg_isready -q -h primary -p 5432 -U replicator -d postgres; do
+  until pg_isready -q -h "$PRIMARY_HOST" -p "$PRIMARY_PORT" -U replicator -d postgres; do
     echo "replica: waiting for the primary"
     sleep 2
   done
   rm -rf "$PGDATA"
-  pg_basebackup -h primary -p 5432 -U replicator -D "$PGDATA" -X stream -S replica1 -R --checkpoint=fast
+  pg_basebackup -h "$PRIMARY_HOST" -p "$PRIMARY_PORT" -U replicator -D "$PGDATA" -X stream -S replica1 -R --checkpoint=fast
   chmod 0700 "$PGDATA"
 fi
 # The password must stay out of the server's environment once the clone is done (-R wrote it into
