@@ -78,9 +78,12 @@ def _actuals(t: Thresholds, w: str) -> list[dict[str, object]]:
         f"/ ({by} (increase(migexport_statements_calls_total[{w}])) > 0)"
     )
     base_latency = f"clamp_min(migexport_baseline_statement_latency_seconds, {fmt(t.latency_floor_seconds)})"
+    # Only probes that ran in the window: histogram_quantile() of flat buckets is NaN, which would FAIL.
     p95 = (
-        "histogram_quantile(0.95, sum by (job, instance, target, probe, le) "
-        f"(increase(migexport_probe_duration_seconds_bucket[{w}])))"
+        "(histogram_quantile(0.95, sum by (job, instance, target, probe, le) "
+        f"(increase(migexport_probe_duration_seconds_bucket[{w}])))\n"
+        f"  and on({JOIN}, target, probe) "
+        f"(sum by ({JOIN}, target, probe) (increase(migexport_probe_duration_seconds_count[{w}])) > 0))"
     )
     base_p95 = 'migexport_baseline_probe_latency_seconds{quantile="0.95"}'
     response_change = (
@@ -93,10 +96,12 @@ def _actuals(t: Thresholds, w: str) -> list[dict[str, object]]:
         f"clamp_min({base_p95}, {fmt(t.probe_latency_floor_seconds)})\n)"
     )
     # A latch: once a rollback alert fired for the migration, the row stays 1 for as long as the
-    # exporter exports that migration (its own previous value keeps it; ALERTS forget).
+    # exporter exports that migration (its own earlier values keep it; ALERTS forget).
     rollback = (
         f'max by ({BY_MIGRATION}) (ALERTS{{alertstate="firing", action="rollback"}})\n'
-        f'or max by ({BY_MIGRATION}) ({ACTUAL}{{criterion="rollback_required"}} > 0)\n'
+        # Over the window, not the last step: one failed scrape (or a pause of the rule evaluation) leaves
+        # a gap in the latch's own series that a lookback of one step would not bridge.
+        f'or max by ({BY_MIGRATION}) (max_over_time({ACTUAL}{{criterion="rollback_required"}}[{w}]) > 0)\n'
         f"or {MIGRATION} * 0"
     )
     only_while_exported = f"\nand on({BY_MIGRATION}) {MIGRATION}"
