@@ -277,7 +277,7 @@ def _replication_panels(lay: Layout, t: Thresholds) -> None:
 def _probe_and_app_panels(lay: Layout, t: Thresholds, migration: bool) -> None:
     n = series_names(t)
     lay.row("Key queries and application health")
-    p95 = f'migexport_baseline_probe_latency_seconds{{{T}, quantile="0.95"}}'
+    p95 = f'migexport_baseline_probe_latency_seconds{{{T}, {M}, quantile="0.95"}}'
     queries = [_q(f"{n.probe_p95}{{{T}}}", "{{target}} {{probe}} p95", "A")]
     description = f"p95 of each probe's successful runs over the rate window ({duration(t.rate_window_seconds)})"
     if migration:
