@@ -22,14 +22,17 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
 import yaml
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from conftest import require_binary, wait_for
+from conftest import require_binary, running, scrape, value, wait_for
 from migexport import localpg
 from migexport.config import load_config
 
@@ -504,9 +507,17 @@ def as_postgres() -> list[str]:
     return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
 
-def test_replica_entrypoint_clones_the_primary_and_streams(stack_primary: tuple, tmp_path: Path) -> None:
+@dataclass
+class StackReplica:
+    cluster: localpg.LocalCluster
+    process: subprocess.Popen
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def stack_replica(stack_primary: tuple) -> Iterator[StackReplica]:
     """deploy/replica/entrypoint.sh, as the replica service runs it (as postgres, with the replication
-    secret), against the initialised primary: it clones through slot replica1 and streams."""
+    secret), against the initialised primary."""
     cluster, _ = stack_primary
     base = localpg.make_base_dir("migexport-compose-replica-")  # the postgres user's, as the volume is
     pgdata = base / "pgdata"
@@ -520,37 +531,13 @@ def test_replica_entrypoint_clones_the_primary_and_streams(stack_primary: tuple,
     }
     script = DEPLOY / "replica" / "entrypoint.sh"
     args = ["-c", f"port={port}", "-c", f"unix_socket_directories={base}", "-c", "listen_addresses=127.0.0.1"]
-    argv = ["env", *(f"{k}={v}" for k, v in env.items()), "bash", str(script), *args]
-    argv = [*as_postgres(), *argv]
-    log = open(base / "replica.log", "w")  # noqa: SIM115 - closed below
+    argv = [*as_postgres(), "env", *(f"{k}={v}" for k, v in env.items()), "bash", str(script), *args]
+    log_path = base / "replica.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     replica = localpg.LocalCluster(name="replica", datadir=pgdata, port=port, bindir=cluster.bindir)
-
-    def streaming() -> bool:
-        try:
-            with replica.connect() as conn:
-                return conn.execute("SELECT status FROM pg_stat_wal_receiver").fetchone() == ("streaming",)
-        except psycopg.OperationalError:
-            return proc.poll() is not None
-
     try:
-        wait_for(streaming, timeout=60, what="the replica to stream")
-        assert proc.poll() is None, (base / "replica.log").read_text()
-        with replica.connect(dbname="app") as conn:
-            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
-            assert conn.execute("SELECT slot_name FROM pg_stat_wal_receiver").fetchone()[0] == "replica1"
-            assert conn.execute("SHOW shared_preload_libraries").fetchone()[0] == "pg_stat_statements"
-        # The probe of deploy/migexport.yml's replica target answers, as migexport.
-        with psycopg.connect(replica.dsn("app", "migexport"), autocommit=True) as conn:
-            probe = next(p for p in load_config(config_for_tests(tmp_path)).probes if p.target == "replica")
-            assert conn.execute(probe.sql).fetchone()[0] >= 0
-        with cluster.connect() as conn:
-            assert conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'replica1'").fetchone()[0]
-        # A restart of the container must reconnect: the clone keeps the replication password.
-        auto_conf = subprocess.run(
-            [*as_postgres(), "cat", str(pgdata / "postgresql.auto.conf")], capture_output=True, text=True, check=True
-        ).stdout
-        assert "primary_conninfo" in auto_conf and "password=" in auto_conf
+        yield StackReplica(replica, proc, log_path)
     finally:
         stop = [str(cluster.bindir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "-w", "stop"]
         subprocess.run([*as_postgres(), *stop], capture_output=True, check=False)
@@ -561,3 +548,125 @@ def test_replica_entrypoint_clones_the_primary_and_streams(stack_primary: tuple,
             proc.wait()
         log.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_streaming(stack: StackReplica) -> None:
+    def streaming() -> bool:
+        try:
+            with stack.cluster.connect() as conn:
+                return conn.execute("SELECT status FROM pg_stat_wal_receiver").fetchone() == ("streaming",)
+        except psycopg.OperationalError:
+            return stack.process.poll() is not None
+
+    wait_for(streaming, timeout=60, what="the replica to stream")
+    assert stack.process.poll() is None, stack.log.read_text()
+
+
+def test_replica_entrypoint_clones_the_primary_and_streams(
+    stack_primary: tuple, stack_replica: StackReplica, tmp_path: Path
+) -> None:
+    """It clones through slot replica1, streams, and keeps what a restart of its container needs."""
+    cluster, _ = stack_primary
+    wait_streaming(stack_replica)
+    replica = stack_replica.cluster
+    with replica.connect(dbname="app") as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+        assert conn.execute("SELECT slot_name FROM pg_stat_wal_receiver").fetchone()[0] == "replica1"
+        assert conn.execute("SHOW shared_preload_libraries").fetchone()[0] == "pg_stat_statements"
+    # The probe of deploy/migexport.yml's replica target answers, as migexport.
+    with psycopg.connect(replica.dsn("app", "migexport"), autocommit=True) as conn:
+        probe = next(p for p in load_config(config_for_tests(tmp_path)).probes if p.target == "replica")
+        assert conn.execute(probe.sql).fetchone()[0] >= 0
+    with cluster.connect() as conn:
+        assert conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'replica1'").fetchone()[0]
+    # A restart of the container must reconnect: the clone keeps the replication password.
+    auto_conf = subprocess.run(
+        [*as_postgres(), "cat", str(replica.datadir / "postgresql.auto.conf")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "primary_conninfo" in auto_conf and "password=" in auto_conf
+
+
+def local_dsn(secret: Path, cluster: localpg.LocalCluster, into: Path) -> Path:
+    """A copy of a DSN secret that reaches `cluster` instead of the compose service."""
+    dsn = conninfo_to_dict(secret.read_text().strip())
+    dsn.update(host="127.0.0.1", port=str(cluster.port))
+    path = into / secret.name
+    path.write_text(make_conninfo(**dsn) + "\n")
+    return path
+
+
+def test_the_stack_without_containers(stack_primary: tuple, stack_replica: StackReplica, tmp_path: Path) -> None:
+    """The stack's processes with its files, as compose wires them, on this machine: the workload, `migexport
+    serve` with deploy/migexport.yml (hosts and paths rewritten to the test's), and the `migrate` service's
+    command with its environment. Serve sees both targets, the probes, the app's health, and the migration."""
+    cluster, _ = stack_primary
+    wait_streaming(stack_replica)
+    app_port, listen_port = localpg.free_port(), localpg.free_port()
+    files = secret_files()
+    text = (DEPLOY / "migexport.yml").read_text()
+    for name, target in (("migexport_primary_dsn", cluster), ("migexport_replica_dsn", stack_replica.cluster)):
+        text = text.replace(f"/run/secrets/{name}", str(local_dsn(files[name], target, tmp_path)))
+    volume = next(t for s, t, _ in mounts(services()["migexport"]) if s == STATE_VOLUME)
+    text = text.replace(volume + "/", f"{tmp_path}/state/").replace("http://app:8080/", f"http://127.0.0.1:{app_port}/")
+    text = text.replace('listen: ":9745"', f'listen: "127.0.0.1:{listen_port}"')
+    (tmp_path / "state").mkdir()
+    config_path = tmp_path / "migexport.yml"
+    config_path.write_text(text)
+    config = load_config(config_path)
+    assert config.migration.state_file.startswith(f"{tmp_path}/state/")
+
+    app_env = {k: str(v) for k, v in services()["app"]["environment"].items()}
+    app_dsn = conninfo_to_dict(app_env["APP_DSN"])
+    app_dsn.update(host="127.0.0.1", port=str(cluster.port))
+    app_env.update(
+        APP_DSN=make_conninfo(**app_dsn),
+        APP_PASSWORD_FILE=str(files["app_password"]),
+        APP_HEALTH_PORT=str(app_port),
+    )
+    migexport = str(Path(sys.executable).parent / "migexport")
+    url = f"http://127.0.0.1:{listen_port}"
+    with (
+        running(
+            ["env", *(f"{k}={v}" for k, v in app_env.items()), sys.executable, str(DEPLOY / "workload" / "app.py")],
+            tmp_path / "app.log",
+            f"http://127.0.0.1:{app_port}/healthz",
+            "the workload",
+        ),
+        running([migexport, "serve", "-c", str(config_path)], tmp_path / "serve.log", url + "/metrics", "serve"),
+    ):
+
+        def ready() -> bool:
+            m = scrape(url)
+            wanted = [
+                ("migexport_up", {"target": "primary"}),
+                ("migexport_up", {"target": "replica"}),
+                ("migexport_app_health_up", {"app": "app"}),
+                *(("migexport_probe_success", {"target": p.target, "probe": p.name}) for p in config.probes),
+            ]
+            return all(m.get((n, frozenset(lbl.items()))) == 1 for n, lbl in wanted)
+
+        wait_for(ready, timeout=60, what="serve to see both targets, the probes and the app")
+
+        migrate = services()["migrate"]
+        command = list(migrate["command"])
+        assert command[:3] == ["run", "-c", CONFIG_IN_CONTAINER]
+        command[2] = str(config_path)
+        sql = command.index("-f") + 1
+        command[sql] = str(DEPLOY / "migrations" / Path(command[sql]).name)
+        env = {**os.environ, **{k: str(v) for k, v in migrate["environment"].items()}}
+        env.update(
+            PGHOST="127.0.0.1", PGPORT=str(cluster.port), PGPASSWORD=files["migration_password"].read_text().strip()
+        )
+        env["PATH"] = f"{cluster.bindir}:{env['PATH']}"
+        proc = subprocess.run([migexport, *command], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        m = scrape(url)
+        mig = {"migration_id": config.migration.id}
+        assert value(m, "migexport_migration_in_progress", **mig) == 0
+        assert value(m, "migexport_migration_failed", **mig) == 0
+        assert value(m, "migexport_migration_end_timestamp_seconds", **mig) > 0
+        assert value(m, "migexport_migration_watch_active", **mig) == 1
+        assert "Migration started at" in Path(config.migration.log_file).read_text()
