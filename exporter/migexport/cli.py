@@ -397,7 +397,8 @@ def run(
     show_default=True,
 )
 def demo(listen: str, duration: str | None, log_level: str) -> None:
-    """Start a throwaway primary + replica with a workload, and serve metrics for both."""
+    """Start a throwaway primary + replica with a workload, the exporter, Prometheus, Alertmanager and
+    scripted migrations to watch; Ctrl-C stops and removes everything."""
     from migexport.demo import run_demo
     from migexport.localpg import LocalPgError
 

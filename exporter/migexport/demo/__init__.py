@@ -1,0 +1,113 @@
+"""`migexport demo`: the whole loop on one machine, removed on exit.
+
+A throwaway primary + streaming replica with a small workload, the exporter (with a migration state file,
+a key-query probe and a baseline captured in the background), Prometheus with the rules rendered from
+short demo thresholds and an Alertmanager (when installed), and three scripted migrations to run.
+Ctrl-C, SIGTERM or --duration stop and remove everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from migexport import localpg
+from migexport.demo import monitoring, scripts
+from migexport.dsn import Target
+from migexport.service import Exporter, ServeSettings
+from migexport.workload import Workload
+
+__all__ = ["run_demo"]
+
+
+def run_demo(host: str, port: int, duration_seconds: float | None, echo: Callable[[str], None] = print) -> None:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    lock = threading.Lock()
+
+    def say(line: str) -> None:  # the baseline thread prints too
+        with lock:
+            echo(line)
+
+    try:
+        say("starting a throwaway PostgreSQL primary and streaming replica ...")
+        with localpg.local_setup(replicas=1, prefix="migexport-demo-") as setup, contextlib.ExitStack() as stack:
+            _run(setup, host, port, duration_seconds, stop, say, stack)
+        say("stopped; the temporary clusters are removed")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(
+    setup: localpg.LocalSetup,
+    host: str,
+    port: int,
+    duration_seconds: float | None,
+    stop: threading.Event,
+    say: Callable[[str], None],
+    stack: contextlib.ExitStack,
+) -> None:
+    """Everything after the clusters; `stack` stops it all (last started, first stopped) before they go."""
+    primary, replica = setup.primary, setup.replicas[0]
+    work = setup.base / "demo"  # removed with the clusters' temp directory
+    work.mkdir()
+    migration = monitoring.migration(work)
+    baseline_path = work / "baseline.json"
+    workload = Workload(primary.dsn(), workers=2, rate_per_worker=20, rollback_share=0.05).start()
+    stack.callback(workload.stop)
+    targets = [Target("primary", primary.dsn()), Target("replica1", replica.dsn())]
+    exporter = Exporter(
+        ServeSettings(
+            targets=targets,
+            host=host,
+            port=port,
+            scrape_timeout_seconds=monitoring.EXPORTER_SCRAPE_TIMEOUT_SECONDS,
+            migration=migration,
+            state_path=Path(migration.state_file),
+            baseline_path=baseline_path,
+            probes=(monitoring.PROBE,),
+        )
+    ).start()
+    stack.callback(exporter.stop)
+    say(f"primary:  {primary.dsn()}")
+    say(f"replica1: {replica.dsn()}")
+    say(f"metrics:  {exporter.url}/metrics")
+    baseline = monitoring.start_baseline(targets, work, exporter.url, baseline_path, say)
+    stack.callback(baseline.join, 5)
+    say(f"baseline: capturing {monitoring.BASELINE_SECONDS:g} s of normal traffic in the background ...")
+
+    try:
+        watch = monitoring.start_monitoring(work, exporter.url)
+    except (RuntimeError, OSError) as exc:
+        say(f"prometheus: not started: {exc}; the demo goes on without alerts")
+        watch = monitoring.Monitoring()
+    stack.callback(watch.stop)
+    if watch.missing:
+        say(
+            f"prometheus: not installed ({', '.join(watch.missing)} missing): no alerts in this demo; "
+            "'bash scripts/demo.sh' installs them (apt-get install prometheus prometheus-alertmanager)"
+        )
+    elif watch.servers:
+        prom = watch.url("prometheus")
+        say(f"prometheus: {prom}/alerts")
+        say(f"alertmanager: {watch.url('alertmanager')}")
+        query = monitoring.CRITERIA_QUERY
+        say(f"criteria: {prom}/graph?g0.expr={query}&g0.tab=1  (the success criteria: query {query})")
+        say(f"rules: {work / 'migexport.rules.yml'} (demo thresholds: alerts fire after seconds, not minutes)")
+
+    paths = scripts.write_scripts(work, primary, migration)
+    say("scripted migrations (run one in another terminal, then watch the alerts):")
+    say(f"clean:    {paths['clean']}  (an instant ALTER TABLE: nothing fires, the criteria pass)")
+    say(f"stuck:    {paths['stuck']}  (queued behind a reader, blocking the workload: lock alerts fire)")
+    say(f"breaking: {paths['breaking']}  (renames the table for 30 s: the key query fails, rollback alerts fire)")
+    say(f"state: {migration.state_file}  log: {migration.log_file}")
+    say(
+        "press Ctrl-C to stop and remove everything"
+        if duration_seconds is None
+        else f"stopping by itself after {duration_seconds:g} s"
+    )
+    stop.wait(duration_seconds)
