@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from migexport.service import Exporter, ServeSettings
 from migexport.workload import Workload
 
 __all__ = ["run_demo"]
+
+MONITOR_ROLE = "migexport_demo"  # a pg_monitor member, like the role the README recommends
 
 
 def run_demo(host: str, port: int, duration_seconds: float | None, echo: Callable[[str], None] = print) -> None:
@@ -57,9 +60,18 @@ def _run(
     work.mkdir()
     migration = monitoring.migration(work)
     baseline_path = work / "baseline.json"
-    workload = Workload(primary.dsn(), workers=2, rate_per_worker=20, rollback_share=0.05).start()
+    # 1 % rolled back on purpose: the error ratio has a baseline, and a clean migration keeps it.
+    workload = Workload(primary.dsn(), workers=2, rate_per_worker=20, rollback_share=0.01).start()
     stack.callback(workload.stop)
-    targets = [Target("primary", primary.dsn()), Target("replica1", replica.dsn())]
+    with primary.connect() as conn:
+        # The exporter's own role, as in production: its statements (and only its) stay out of the latency sums.
+        conn.execute(f"CREATE ROLE {MONITOR_ROLE} LOGIN CONNECTION LIMIT 20 IN ROLE pg_monitor")
+        conn.execute(f"GRANT SELECT ON demo_orders TO {MONITOR_ROLE}")
+    _wait_for_role(replica)
+    targets = [
+        Target("primary", primary.dsn(user=MONITOR_ROLE)),
+        Target("replica1", replica.dsn(user=MONITOR_ROLE)),
+    ]
     exporter = Exporter(
         ServeSettings(
             targets=targets,
@@ -111,3 +123,13 @@ def _run(
         else f"stopping by itself after {duration_seconds:g} s"
     )
     stop.wait(duration_seconds)
+
+
+def _wait_for_role(replica: localpg.LocalCluster, timeout: float = 15.0) -> None:
+    """The role reaches the standby by replication: wait for it, so the exporter's first login works."""
+    deadline = time.monotonic() + timeout
+    with replica.connect() as conn:
+        while not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (MONITOR_ROLE,)).fetchone():
+            if time.monotonic() > deadline:
+                raise localpg.LocalPgError(f"the role {MONITOR_ROLE} did not reach {replica.name} by replication")
+            time.sleep(0.1)
