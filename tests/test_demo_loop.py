@@ -2,7 +2,7 @@
 
 One demo for the module (the tests run in order): the stuck migration's lock alerts fire and reach the
 Alertmanager; the breaking migration's key query fails, pages, and the workload recovers from the
-rollback; SIGTERM stops the servers and clusters and removes the temp directory.
+rollback; Ctrl-C stops the servers and clusters and removes the temp directory.
 """
 
 from __future__ import annotations
@@ -206,11 +206,11 @@ def test_the_breaking_migration_pages_and_the_workload_recovers_from_the_rollbac
         assert recent.fetchone()[0] > 0, "the workload writes to demo_orders again"
 
 
-def test_sigterm_stops_the_servers_and_clusters_and_removes_the_temp_directory(demo: Demo) -> None:
+def test_ctrl_c_stops_the_servers_and_clusters_and_removes_the_temp_directory(demo: Demo) -> None:
     workdir = Path(demo.found["stuck"]).parent
     base = workdir.parent
     assert base.name.startswith("migexport-demo-") and base.exists()
-    demo.proc.terminate()
+    demo.proc.send_signal(signal.SIGINT)  # Ctrl-C (test_demo.py sends SIGTERM)
     assert demo.proc.wait(timeout=60) == 0, demo.stderr.read_text()[-2000:]
     assert "stopped" in demo.proc.stdout.read()
     assert not base.exists(), "the demo's temp directory must be removed"

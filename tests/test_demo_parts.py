@@ -67,3 +67,11 @@ def test_the_scripts_call_this_migexport_with_the_demos_state_and_log_and_parse(
     assert "--time-limit 40s" in paths["stuck"].read_text()
     assert "RENAME TO demo_orders_old" in paths["breaking"].read_text()
     assert "trap 'rollback; exit 130'" in paths["breaking"].read_text()
+
+
+def test_demo_sh_installs_prometheus_and_alertmanager_before_the_demo() -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "demo.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    lines = [line.strip() for line in script.read_text().splitlines()]
+    assert lines.index("ensure_prometheus_tools") < lines.index('exec migexport demo "$@"')
+    assert lines.index("ensure_postgres") < lines.index('exec migexport demo "$@"')
