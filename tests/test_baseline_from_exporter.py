@@ -1,4 +1,4 @@
-"""The baseline takes probe latency from the running exporter, so both sides are timed alike.
+"""The baseline takes probe latency and transactions from the running exporter: both sides measured alike.
 
 A real exporter runs a real probe; `capture()` reads its histograms over the window and the document's
 buckets are exactly the exporter's increase over that window: what the live histogram_quantile() reads.
@@ -8,7 +8,11 @@ Without a reachable exporter the baseline times the probe itself and says so.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from pathlib import Path
+
+import psycopg
 
 from conftest import monitor_dsn, scrape
 from migexport.baseline import capture
@@ -85,3 +89,42 @@ def test_histograms_with_other_buckets_are_not_read_as_ours():
     found = cumulative_from_page(page)
     assert list(found) == [("p", "a")]
     assert found[("p", "a")] == list(range(len(PROBE_BUCKETS) + 1))
+
+
+def test_transactions_come_from_the_exporter_without_its_own(pg, start_exporter, tmp_path: Path):
+    """A scraped exporter adds ~10 commits a scrape to pg_stat_database; the live counters leave them out,
+    so the baseline must too: 40 commits and 4 rollbacks of the application, whatever the scrapes did."""
+    with pg.primary.connect() as conn:
+        conn.execute("DROP DATABASE IF EXISTS baseline_xacts")
+        conn.execute("CREATE DATABASE baseline_xacts")
+    with pg.primary.connect(dbname="baseline_xacts") as conn:
+        conn.execute("CREATE TABLE t (i int)")
+    dsn = monitor_dsn(pg.primary, "baseline_xacts")
+    exporter = start_exporter(Target("primary", dsn), migration=Migration(id="m1"), state_path=tmp_path / "s.json")
+    stop = threading.Event()
+
+    def prometheus_like() -> None:  # scrapes as often as a busy Prometheus would, and more
+        while not stop.wait(0.1):
+            scrape(exporter.url)
+
+    def application() -> None:
+        time.sleep(1.5)  # inside the window: the capture checks the target before it starts
+        with psycopg.connect(pg.primary.dsn(dbname="baseline_xacts")) as app:
+            for i in range(44):
+                app.execute("INSERT INTO t VALUES (%s)", (i,))
+                app.rollback() if i % 11 == 0 else app.commit()
+
+    threads = [threading.Thread(target=prometheus_like), threading.Thread(target=application)]
+    for thread in threads:
+        thread.start()
+    try:
+        config = parse_config({"targets": {"primary": dsn}, "migration": {"id": "m1"}}, tmp_path / "migexport.yml")
+        doc = capture(config, 4.0, sample_interval_seconds=0.5, exporter_url=exporter.url)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    target = doc["targets"]["primary"]
+    assert target["rollbacks"] == 4
+    # 40 commits, and one for the application's connection; autovacuum may add one or two of its own.
+    assert 41 <= target["commits"] <= 44, target

@@ -366,11 +366,12 @@ def _document(
     histograms: ExporterHistograms | None = None,
 ) -> dict[str, Any]:
     missing: list[str] = []
-    targets = {name: _target_doc(config, s, window, missing) for name, s in samplers.items()}
+    targets = {name: _target_doc(config, s, window, missing, histograms) for name, s in samplers.items()}
     if histograms is not None and not histograms.snapshots:
         missing.append(
-            f"exporter at {histograms.url} not readable ({histograms.error}): probe latency measured by the "
-            "baseline command itself; start 'migexport serve' first so that both sides are timed alike"
+            f"exporter at {histograms.url} not readable ({histograms.error}): probe latency and transactions "
+            "measured by the baseline command itself; start 'migexport serve' first so that both sides are "
+            "measured alike"
         )
     probes = {
         runs.probe.name: _probe_doc(config.thresholds, runs, missing, histograms)
@@ -437,11 +438,26 @@ def _rows(config: Config, s: _TargetSampler, missing: list[str]) -> dict[str, fl
     return rows
 
 
-def _target_doc(config: Config, s: _TargetSampler, window: float, missing: list[str]) -> dict[str, Any]:
+def _transactions(s: _TargetSampler, histograms: ExporterHistograms | None) -> tuple[float, float]:
+    """The window's commits and rollbacks without anything of ours. With the exporter running, from
+    the counters it exports (its own transactions left out, as in the live error ratio), less this
+    sampler's, which it counts as anyone's; otherwise the server's, less this sampler's."""
+    assert s.start and s.end
+    served = histograms.xacts(s.name) if histograms is not None else None
+    if served is not None:
+        return max(0.0, served[0] - s.own_commits), max(0.0, served[1] - s.own_rollbacks)
+    return (
+        max(0.0, s.end.commits - s.start.commits - s.own_commits),
+        max(0.0, s.end.rollbacks - s.start.rollbacks - s.own_rollbacks),
+    )
+
+
+def _target_doc(
+    config: Config, s: _TargetSampler, window: float, missing: list[str], histograms: ExporterHistograms | None = None
+) -> dict[str, Any]:
     assert s.start and s.end
     name = s.name
-    commits = max(0.0, s.end.commits - s.start.commits - s.own_commits)
-    rollbacks = max(0.0, s.end.rollbacks - s.start.rollbacks - s.own_rollbacks)
+    commits, rollbacks = _transactions(s, histograms)
     if s.server.version_num < 150000:
         missing.append(f"{name}: PostgreSQL < 15, the sampler's own transactions are subtracted approximately")
     total = commits + rollbacks

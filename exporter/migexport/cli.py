@@ -184,8 +184,8 @@ def init(path: str, force: bool) -> None:
 @click.option(
     "--exporter-url",
     metavar="URL",
-    help="The running 'migexport serve' whose probe timings the baseline takes, so that both sides are timed "
-    "alike; 'none' to time the probes here.  [default: http://127.0.0.1:<the config's listen port>]",
+    help="The running 'migexport serve' whose probe timings and transaction counts the baseline takes, so that "
+    "both sides are measured alike; 'none' to measure here.  [default: http://127.0.0.1:<the config's listen port>]",
 )
 def baseline(
     config_path: str | None,
@@ -240,8 +240,6 @@ def _exporter_url(config: Config, given: str | None) -> str | None:
         if not given.startswith(("http://", "https://")):
             raise UserError(f"--exporter-url: {given!r} is not an http:// or https:// URL (or 'none')")
         return given
-    if not config.probes:
-        return None
     host, port = parse_listen(config.listen)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -9,6 +9,11 @@ watch the migration is running, the baseline takes the probes' latency from it: 
 `migexport_probe_duration_seconds` at every sampling tick, whose differences are exactly what the
 live `histogram_quantile(0.95, rate(...[window]))` is computed from. Same process, same schedule,
 same buckets, same interpolation.
+
+The same holds for transactions: with `serve` running, its own transactions (each scrape's queries, its
+probes) are in `pg_stat_database` but not in the counters it exports, which the live error ratio is
+computed from. So the baseline takes the window's commits and rollbacks from those exported counters
+too (and subtracts its own sampler's, which the exporter counts as anyone's).
 """
 
 from __future__ import annotations
@@ -27,18 +32,47 @@ from migexport.probes import PROBE_BUCKETS, probe_quantile
 log = logging.getLogger(__name__)
 
 HISTOGRAM = "migexport_probe_duration_seconds"
+COMMITS = "migexport_xact_commit"  # counter family names, without _total
+ROLLBACKS = "migexport_xact_rollback"
 SCRAPE_TIMEOUT_SECONDS = 5.0
 MAX_BODY_BYTES = 16 * 1024 * 1024  # an exporter's page is tens of KB; anything far larger is not one
 
 Key = tuple[str, str]  # (target, probe)
 
 
+@dataclass(frozen=True)
+class Page:
+    """What the baseline reads from one scrape of the exporter."""
+
+    probes: dict[Key, list[float]]  # (target, probe) -> cumulative bucket counts
+    xacts: dict[str, tuple[float, float]]  # target -> (commits, rollbacks), the exporter's own excluded
+
+
+def read_page(text: str) -> Page:
+    families = list(text_string_to_metric_families(text))
+    return Page(cumulative_from_families(families), xacts_from_families(families))
+
+
+def xacts_from_families(families: list) -> dict[str, tuple[float, float]]:
+    totals: dict[str, dict[str, float]] = {}
+    for family in families:
+        if family.name in (COMMITS, ROLLBACKS):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    totals.setdefault(sample.labels.get("target", ""), {})[family.name] = sample.value
+    return {t: (v[COMMITS], v[ROLLBACKS]) for t, v in totals.items() if COMMITS in v and ROLLBACKS in v}
+
+
 def cumulative_from_page(text: str) -> dict[Key, list[float]]:
+    return cumulative_from_families(list(text_string_to_metric_families(text)))
+
+
+def cumulative_from_families(families: list) -> dict[Key, list[float]]:
     """Per (target, probe): cumulative bucket counts in PROBE_BUCKETS order, then +Inf. Series whose
     buckets differ from ours (another version of the exporter) are left out."""
     wanted = [*PROBE_BUCKETS, math.inf]
     found: dict[Key, dict[float, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name != HISTOGRAM:
             continue
         for sample in family.samples:
@@ -58,7 +92,7 @@ class ExporterHistograms:
     """Snapshots of the exporter's probe histograms over the baseline window."""
 
     url: str
-    snapshots: list[tuple[float, dict[Key, list[float]]]] = field(default_factory=list)
+    snapshots: list[tuple[float, Page]] = field(default_factory=list)
     error: str = ""
 
     def take(self) -> bool:
@@ -66,7 +100,7 @@ class ExporterHistograms:
         try:
             with urllib.request.urlopen(self.url.rstrip("/") + "/metrics", timeout=SCRAPE_TIMEOUT_SECONDS) as resp:
                 text = resp.read(MAX_BODY_BYTES).decode("utf-8", errors="replace")
-            self.snapshots.append((time.monotonic(), cumulative_from_page(text)))
+            self.snapshots.append((time.monotonic(), read_page(text)))
             return True
         except (OSError, ValueError) as exc:  # URLError, timeouts, a page that does not parse
             self.error = str(getattr(exc, "reason", exc))
@@ -75,7 +109,7 @@ class ExporterHistograms:
     def latency(self, key: Key, window_seconds: float) -> dict[str, float | list[float]] | None:
         """The window's latency of one probe as the live rules will estimate it, or None when the
         exporter did not run that probe (or ran it not once) during the window."""
-        series = [(t, snap[key]) for t, snap in self.snapshots if key in snap]
+        series = [(t, page.probes[key]) for t, page in self.snapshots if key in page.probes]
         if len(series) < 2:
             return None
         (t0, first), (t1, last) = series[0], series[-1]
@@ -90,6 +124,17 @@ class ExporterHistograms:
             "p95_window_max_seconds": _window_max(series, window_seconds) or 0.0,
             "seconds": t1 - t0,
         }
+
+    def xacts(self, target: str) -> tuple[float, float] | None:
+        """Commits and rollbacks of the target over the window as the exporter counts them (its own
+        excluded), or None if it does not watch that target or its counters restarted meanwhile."""
+        pages = [page.xacts[target] for _, page in self.snapshots if target in page.xacts]
+        if len(pages) < 2:
+            return None
+        (c0, r0), (c1, r1) = pages[0], pages[-1]
+        if c1 < c0 or r1 < r0:
+            return None
+        return c1 - c0, r1 - r0
 
 
 def _delta(later: list[float], earlier: list[float]) -> list[float]:
