@@ -12,6 +12,8 @@ from test_cli import migexport_argv
 
 
 def test_demo_serves_a_primary_and_replica_with_workload_then_removes_them():
+    # Only this demo's directory: another demo (or one killed earlier) may have left its own in /tmp.
+    before = set(Path("/tmp").glob("migexport-demo-*"))
     proc = subprocess.Popen(
         [*migexport_argv(), "demo", "--listen", "127.0.0.1:0", "--duration", "60s"],
         stdout=subprocess.PIPE,
@@ -31,7 +33,7 @@ def test_demo_serves_a_primary_and_replica_with_workload_then_removes_them():
                 url = match.group(1)
         assert url, f"no metrics URL printed: {lines} {proc.stderr.read() if proc.poll() else ''}"
         port = re.search(r"primary:.*port=(\d+)", "".join(lines)).group(1)
-        datadirs = list(Path("/tmp").glob("migexport-demo-*"))
+        datadirs = list(set(Path("/tmp").glob("migexport-demo-*")) - before)
 
         first = scrape(url)
         assert value(first, "migexport_up", target="primary") == 1
