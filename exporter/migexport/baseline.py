@@ -49,15 +49,13 @@ from migexport.collectors.base import MARKER, Context, ServerInfo
 from migexport.config import Config, Probe, Thresholds
 from migexport.exporter_histograms import ExporterHistograms
 from migexport.metrics import MetricSpec, Sample
+from migexport.own import FLUSH_MIN_VERSION, FLUSH_SQL
 from migexport.probes import PROBE_BUCKETS, ProbeResult, cumulative_buckets, fix_hint, probe_quantile, run_probe
 from migexport.targets import SERVER_SQL, SessionSettings, connect
 
 log = logging.getLogger(__name__)
 
 
-# PostgreSQL 15+. A backend flushes its transaction counts only along with other pending statistics,
-# so the statement also reads a catalog row: without it our commits surface seconds later, at random.
-FLUSH_SQL = "SELECT pg_stat_force_next_flush() FROM (SELECT 1 FROM pg_catalog.pg_am LIMIT 1) AS touch"
 ROWS_SQL = """
 SELECT c.reltuples::float8 FROM pg_class c WHERE c.oid = to_regclass(%s)
 """  # to_regclass() takes no lock on the table; reltuples is the planner's estimate
@@ -148,7 +146,7 @@ class _TargetSampler:
 
     def flush_own_stats(self) -> None:
         """Make the shared counters include every transaction this session has finished."""
-        if self.server.version_num >= 150000:
+        if self.server.version_num >= FLUSH_MIN_VERSION:
             self.ctx.query(FLUSH_SQL)
 
     def read_counters(self) -> _Counters:
