@@ -522,14 +522,22 @@ def stack_replica(stack_primary: tuple) -> Iterator[StackReplica]:
     base = localpg.make_base_dir("migexport-compose-replica-")  # the postgres user's, as the volume is
     pgdata = base / "pgdata"
     port = localpg.free_port()
+    # The script and secrets are mounted into the container; here the postgres user reads copies, since
+    # the checkout may sit in a directory only root can enter (a mktemp -d clone).
+    script = base / "entrypoint.sh"
+    shutil.copy(DEPLOY / "replica" / "entrypoint.sh", script)
+    secrets = base / "secrets"
+    shutil.copytree(DEPLOY / "secrets", secrets)
+    if os.geteuid() == 0:
+        for path in (script, secrets, *secrets.rglob("*")):
+            shutil.chown(path, user="postgres", group=None)
     env = {
         "PGDATA": str(pgdata),
         "PRIMARY_HOST": "127.0.0.1",
         "PRIMARY_PORT": str(cluster.port),
-        "SECRETS_DIR": str(DEPLOY / "secrets"),
+        "SECRETS_DIR": str(secrets),
         "PATH": f"{cluster.bindir}:{os.environ['PATH']}",
     }
-    script = DEPLOY / "replica" / "entrypoint.sh"
     args = ["-c", f"port={port}", "-c", f"unix_socket_directories={base}", "-c", "listen_addresses=127.0.0.1"]
     argv = [*as_postgres(), "env", *(f"{k}={v}" for k, v in env.items()), "bash", str(script), *args]
     log_path = base / "replica.log"
