@@ -112,6 +112,81 @@ class Migration:
     # signal: a DSN source (libpq string, env:VAR, file:PATH). Empty: the libpq environment (PG*
     # variables) the migration command itself gets.
     control_dsn: str = ""
+    # The migration's own SQL files: linted by `preflight` with squawk when given.
+    sql_files: tuple[str, ...] = ()
+    # How to undo it ("Rollback script ready"): a file (checked to exist and be readable) or a
+    # command (its program checked to exist). Preflight warns when neither is set.
+    rollback_file: str = ""
+    rollback_command: str = ""
+    # The lock_timeout the migration sets for itself: preflight fails when a session has held a lock on
+    # an affected table for longer, because the migration's DDL would queue behind it for that long.
+    lock_timeout_seconds: float = 5.0
+    # Where `run` (or `migexport snapshot`) records the affected tables before the command, and where
+    # preflight and verify write their last results (both read by `serve`).
+    snapshot_file: str = "migexport-snapshot.json"
+    checks_file: str = "migexport-checks.json"
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The go / no-go checks' limits (`migexport preflight`)."""
+
+    # Backup recency: a command printing the last successful backup's end time (ISO 8601 or Unix
+    # seconds), or a pgBackRest stanza read with `pgbackrest --output=json --stanza=S info`.
+    backup_command: str = ""
+    pgbackrest_stanza: str = ""
+    backup_max_age_seconds: float = 86400.0
+    # How long a backup command may run.
+    command_timeout_seconds: float = 60.0
+    # WAL segments waiting to be archived (`.ready` files); GitLab pauses migrations above 42.
+    archive_ready_max: float = 42.0
+    # Current transaction rate over the baseline's: above this is not "traffic at acceptable level".
+    traffic_max_ratio: float = 1.5
+    # The standbys (their application_name on the migration target) that must be streaming; empty:
+    # every standby among the targets must be, and at least as many as there are standby targets.
+    standbys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """A read-only query whose result must hold after the migration (`expect`): `equal` (the same
+    value before and after), `zero`, or `at_most` `value`."""
+
+    name: str
+    sql: str
+    expect: str = "equal"
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class FrozenTable:
+    """A table nothing may change during the migration: an order-independent checksum of `columns`
+    (count and summed hashes), segmented by ranges of `key`, compared before and after."""
+
+    table: str
+    columns: tuple[str, ...]
+    key: str = "id"
+    segments: int = 16
+
+
+@dataclass(frozen=True)
+class Verify:
+    """`migexport verify`: where integrity queries run, what the schema may change, what must hold."""
+
+    # Where the integrity queries (invariants, checksums) run; a replica is recommended. Default: the
+    # migration's target. Schema checks always read the migration's target.
+    target: str = ""
+    # A DSN source (libpq string, env:VAR, file:PATH) for a verification role with SELECT on the
+    # tables; empty: the target's DSN.
+    dsn: str = ""
+    # statement_timeout of each integrity query.
+    statement_timeout_seconds: float = 30.0
+    # Per affected table, the schema changes the migration is meant to make:
+    # {table: {columns|indexes|constraints: {added|dropped|changed: [names]}}}. Any other change of a
+    # table listed here fails verify; tables not listed only report their changes.
+    expect: dict[str, dict[str, dict[str, tuple[str, ...]]]] = field(default_factory=dict)
+    invariants: tuple[Invariant, ...] = ()
+    frozen_tables: tuple[FrozenTable, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,6 +227,8 @@ class Config:
     probes: tuple[Probe, ...] = ()
     apps: tuple[App, ...] = ()
     slis: Slis = field(default_factory=Slis)
+    preflight: Preflight = field(default_factory=Preflight)
+    verify: Verify = field(default_factory=Verify)
     path: Path | None = None
 
     def migration_target(self) -> Target:
@@ -231,6 +308,15 @@ class _Reader:
             return []
         return value
 
+    def strings(self, value: Any, key: str) -> list[str]:
+        out: list[str] = []
+        for i, item in enumerate(self.items(value, key)):
+            if not isinstance(item, str) or not item.strip():
+                self.problem(f"{key}[{i}]", f"must be a non-empty string, got {item!r}")
+            else:
+                out.append(item)
+        return out
+
 
 TOP_KEYS = {
     "targets",
@@ -245,6 +331,8 @@ TOP_KEYS = {
     "probes",
     "apps",
     "slis",
+    "preflight",
+    "verify",
 }
 
 
@@ -316,6 +404,12 @@ def _migration(r: _Reader, raw: Any, target_names: list[str]) -> Migration:
         "state_file",
         "role",
         "control_dsn",
+        "sql_files",
+        "rollback_file",
+        "rollback_command",
+        "lock_timeout",
+        "snapshot_file",
+        "checks_file",
     }
     entry = r.mapping(raw, "migration", keys)
     d = Migration()
@@ -342,6 +436,12 @@ def _migration(r: _Reader, raw: Any, target_names: list[str]) -> Migration:
         state_file=r.string(entry.get("state_file"), "migration.state_file", d.state_file),
         role=r.string(entry.get("role"), "migration.role", d.role),
         control_dsn=r.string(entry.get("control_dsn"), "migration.control_dsn", d.control_dsn),
+        sql_files=tuple(r.strings(entry.get("sql_files"), "migration.sql_files")),
+        rollback_file=r.string(entry.get("rollback_file"), "migration.rollback_file", d.rollback_file),
+        rollback_command=r.string(entry.get("rollback_command"), "migration.rollback_command", d.rollback_command),
+        lock_timeout_seconds=r.duration(entry.get("lock_timeout"), "migration.lock_timeout", d.lock_timeout_seconds),
+        snapshot_file=r.string(entry.get("snapshot_file"), "migration.snapshot_file", d.snapshot_file),
+        checks_file=r.string(entry.get("checks_file"), "migration.checks_file", d.checks_file),
     )
 
 
@@ -407,6 +507,132 @@ def _slis(r: _Reader, raw: Any) -> Slis:
     return slis
 
 
+def _preflight(r: _Reader, raw: Any) -> Preflight:
+    keys = {
+        "backup_command",
+        "pgbackrest_stanza",
+        "backup_max_age",
+        "command_timeout",
+        "archive_ready_max",
+        "traffic_max_ratio",
+        "standbys",
+    }
+    entry = r.mapping(raw, "preflight", keys)
+    d = Preflight()
+    p = Preflight(
+        backup_command=r.string(entry.get("backup_command"), "preflight.backup_command", ""),
+        pgbackrest_stanza=r.string(entry.get("pgbackrest_stanza"), "preflight.pgbackrest_stanza", ""),
+        backup_max_age_seconds=r.duration(
+            entry.get("backup_max_age"), "preflight.backup_max_age", d.backup_max_age_seconds
+        ),
+        command_timeout_seconds=r.duration(
+            entry.get("command_timeout"), "preflight.command_timeout", d.command_timeout_seconds
+        ),
+        archive_ready_max=r.number(entry.get("archive_ready_max"), "preflight.archive_ready_max", d.archive_ready_max),
+        traffic_max_ratio=r.number(entry.get("traffic_max_ratio"), "preflight.traffic_max_ratio", d.traffic_max_ratio),
+        standbys=tuple(r.strings(entry.get("standbys"), "preflight.standbys")),
+    )
+    if p.backup_command and p.pgbackrest_stanza:
+        r.problem("preflight", "give backup_command or pgbackrest_stanza, not both")
+    if "traffic_max_ratio" in entry and p.traffic_max_ratio < 1:
+        r.problem(
+            "preflight.traffic_max_ratio", f"must be >= 1 (a factor over the baseline), got {p.traffic_max_ratio!r}"
+        )
+    return p
+
+
+EXPECT_KINDS = ("columns", "indexes", "constraints")
+EXPECT_CHANGES = ("added", "dropped", "changed")
+INVARIANT_EXPECTS = ("equal", "zero", "at_most")
+
+
+def _expect(r: _Reader, raw: Any) -> dict[str, dict[str, dict[str, tuple[str, ...]]]]:
+    out: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {}
+    if raw is None:
+        return out
+    if not isinstance(raw, dict):
+        r.problem(
+            "verify.expect",
+            f"must be a mapping of TABLE: {{columns: ..., indexes: ..., constraints: ...}}, got {type(raw).__name__}",
+        )
+        return out
+    for table, spec in raw.items():
+        key = f"verify.expect.{table}"
+        kinds = r.mapping(spec, key, set(EXPECT_KINDS))
+        out[str(table)] = {
+            kind: {change: tuple(r.strings(changes.get(change), f"{key}.{kind}.{change}")) for change in EXPECT_CHANGES}
+            for kind in EXPECT_KINDS
+            for changes in [r.mapping(kinds.get(kind), f"{key}.{kind}", set(EXPECT_CHANGES))]
+        }
+    return out
+
+
+def _invariants(r: _Reader, raw: Any) -> list[Invariant]:
+    out: list[Invariant] = []
+    seen: set[str] = set()
+    for i, item in enumerate(r.items(raw, "verify.invariants")):
+        key = f"verify.invariants[{i}]"
+        entry = r.mapping(item, key, {"name", "sql", "expect", "value"})
+        name = r.name(entry.get("name"), f"{key}.name")
+        if name in seen:
+            r.problem(f"{key}.name", f"{name!r} is used twice")
+        seen.add(name)
+        expect = r.string(entry.get("expect"), f"{key}.expect", "equal")
+        if expect not in INVARIANT_EXPECTS:
+            r.problem(f"{key}.expect", f"must be one of {', '.join(INVARIANT_EXPECTS)}, got {expect!r}")
+        if expect == "at_most" and "value" not in entry:
+            r.problem(f"{key}.value", "is required with expect: at_most")
+        out.append(
+            Invariant(
+                name=name,
+                sql=r.string(entry.get("sql"), f"{key}.sql", "", required=True),
+                expect=expect,
+                value=r.number(entry.get("value"), f"{key}.value", 0.0),
+            )
+        )
+    return out
+
+
+def _frozen_tables(r: _Reader, raw: Any) -> list[FrozenTable]:
+    out: list[FrozenTable] = []
+    for i, item in enumerate(r.items(raw, "verify.frozen_tables")):
+        key = f"verify.frozen_tables[{i}]"
+        entry = r.mapping(item, key, {"table", "columns", "key", "segments"})
+        columns = r.strings(entry.get("columns"), f"{key}.columns")
+        if not columns:
+            r.problem(f"{key}.columns", "list the columns to checksum (at least one)")
+        segments = r.number(entry.get("segments"), f"{key}.segments", 16, minimum=1)
+        if segments != int(segments) or segments > 1024:
+            r.problem(f"{key}.segments", f"must be a whole number from 1 to 1024, got {entry.get('segments')!r}")
+        out.append(
+            FrozenTable(
+                table=r.string(entry.get("table"), f"{key}.table", "", required=True),
+                columns=tuple(columns),
+                key=r.string(entry.get("key"), f"{key}.key", "id"),
+                segments=int(min(max(segments, 1), 1024)),
+            )
+        )
+    return out
+
+
+def _verify(r: _Reader, raw: Any, target_names: list[str]) -> Verify:
+    keys = {"target", "dsn", "statement_timeout", "expect", "invariants", "frozen_tables"}
+    entry = r.mapping(raw, "verify", keys)
+    target = r.string(entry.get("target"), "verify.target", "")
+    if target and target_names and target not in target_names:
+        r.problem("verify.target", f"{target!r} is not one of the targets ({', '.join(target_names)})")
+    return Verify(
+        target=target,
+        dsn=r.string(entry.get("dsn"), "verify.dsn", ""),
+        statement_timeout_seconds=r.duration(
+            entry.get("statement_timeout"), "verify.statement_timeout", Verify.statement_timeout_seconds
+        ),
+        expect=_expect(r, entry.get("expect")),
+        invariants=tuple(_invariants(r, entry.get("invariants"))),
+        frozen_tables=tuple(_frozen_tables(r, entry.get("frozen_tables"))),
+    )
+
+
 def parse_config(
     data: Any, path: Path | None = None, environ: dict[str, str] | os._Environ[str] = os.environ
 ) -> Config:
@@ -434,6 +660,8 @@ def parse_config(
         probes=tuple(_probes(r, top.get("probes"), names)),
         apps=tuple(_apps(r, top.get("apps"))),
         slis=_slis(r, top.get("slis")),
+        preflight=_preflight(r, top.get("preflight")),
+        verify=_verify(r, top.get("verify"), names),
         path=path,
     )
     if r.problems:
@@ -494,6 +722,38 @@ migration:
                                    # empty: the migration's own libpq environment (PG* variables)
   log_file: migration.log
   state_file: migexport-state.json # shared by 'migexport run' and 'migexport serve'
+  sql_files: []                    # the migration's SQL, linted by 'preflight' (squawk)
+  rollback_file: ""                # "rollback script ready": a file ...
+  rollback_command: ""             # ... or a command that undoes the migration
+  lock_timeout: 5s                 # the lock_timeout the migration sets: preflight fails on older lock holders
+  snapshot_file: migexport-snapshot.json  # the affected tables before the command ('verify' compares)
+  checks_file: migexport-checks.json      # the last preflight and verify results ('serve' exports them)
+
+# 'migexport preflight': go / no-go before starting.
+preflight:
+  backup_command: ""               # prints the last backup's end time (ISO 8601 or Unix seconds), or
+  pgbackrest_stanza: ""            # ... read it from 'pgbackrest --output=json --stanza=S info'
+  backup_max_age: 24h              # "recent backup confirmed"
+  archive_ready_max: 42            # WAL segments waiting to be archived
+  traffic_max_ratio: 1.5           # "traffic at acceptable level": transaction rate vs the baseline
+  standbys: []                     # application_names that must be streaming (default: the standby targets)
+
+# 'migexport verify': after the migration (run does it unless --no-verify).
+verify:
+  target: ""                       # where integrity queries run (a replica is best; default: migration.target)
+  dsn: ""                          # a verification role with SELECT on the tables (default: the target's DSN)
+  statement_timeout: 30s
+  expect: {}                       # per table, the changes the migration is meant to make, e.g.
+  #  orders: {columns: {added: [note]}, indexes: {added: [orders_note_idx]}}
+  invariants: []                   # read-only queries that must hold: expect equal (before = after), zero, at_most
+  #  - name: no_null_status
+  #    sql: "SELECT count(*) FROM orders WHERE status IS NULL"
+  #    expect: zero
+  frozen_tables: []                # tables nothing may change: checksum before and after
+  #  - table: invoices_2023
+  #    columns: [id, amount, customer]
+  #    key: id
+  #    segments: 16
 
 # Every number the alert rules use. The defaults are the checklist's.
 thresholds:
