@@ -6,7 +6,7 @@ source scripts/setup.sh
 ensure_postgres
 ensure_prometheus_tools
 ensure_compose_tools
-ensure_venv "[test]"
+ensure_venv "[test,lint]"
 ruff check .
 ruff format --check .
 python -m pytest -q "$@"
