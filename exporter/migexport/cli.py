@@ -97,6 +97,12 @@ CONFIG_OPTION = click.option(
 @click.option("--baseline", "baseline_path", metavar="FILE", help="Baseline file to export as migexport_baseline_*.")
 @click.option("--state-file", metavar="FILE", help="Migration state file written by 'migexport run'.")
 @click.option(
+    "--checks-file",
+    metavar="FILE",
+    help="Checks file written by 'migexport preflight' and 'verify', to export as migexport_preflight_*, "
+    "migexport_verify_* and migexport_data_integrity_ratio.  [default: the config's migration.checks_file]",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def serve(
@@ -109,9 +115,10 @@ def serve(
     application_name: str | None,
     baseline_path: str | None,
     state_file: str | None,
+    checks_file: str | None,
     log_level: str,
 ) -> None:
-    """Serve lock, replication, connection, error, latency, baseline and migration metrics."""
+    """Serve lock, replication, connection, error, latency, baseline, migration and preflight/verify metrics."""
     config = _load_config(config_path)
     specs = list(target_specs) + os.environ.get("MIGEXPORT_TARGETS", "").split()
     if config is None and not specs:
@@ -135,6 +142,8 @@ def serve(
         settings.baseline_path = Path(baseline_path)
     if state_file is not None:
         settings.state_path = Path(state_file)
+    if checks_file is not None:
+        settings.checks_path = Path(checks_file)
     _setup_logging(log_level)
     try:
         exporter = Exporter(settings).start()

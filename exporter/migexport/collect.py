@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector as PromCollector
 
 from migexport import __version__
 from migexport.baseline_gauges import BASELINE_SPECS
+from migexport.checks_gauges import CHECKS_SPECS
 from migexport.collectors import COLLECTOR_CLASSES, default_collectors
 from migexport.collectors.base import Collector
 from migexport.collectors.migration import MigrationSessionCollector, MigrationStateSource
@@ -84,6 +85,7 @@ def all_specs() -> tuple[MetricSpec, ...]:
         + MigrationSessionCollector.specs
         + MigrationStateSource.specs
         + BASELINE_SPECS
+        + CHECKS_SPECS
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from migexport.baseline_gauges import BaselineSource
+from migexport.checks_gauges import ChecksSource
 from migexport.collect import MigexportCollector, Source
 from migexport.collectors import default_collectors
 from migexport.collectors.base import Collector
@@ -39,6 +40,8 @@ class ServeSettings:
     state_path: Path = field(default_factory=lambda: Path(Migration().state_file))
     baseline_path: Path | None = None
     baseline_max_age_seconds: float = 86400.0
+    # The last preflight and verify (migration.checks_file); None: not exported.
+    checks_path: Path | None = None
     probes: tuple[Probe, ...] = ()
     apps: tuple[App, ...] = ()
 
@@ -59,6 +62,7 @@ class ServeSettings:
             state_path=config.resolve(config.migration.state_file),
             baseline_path=config.resolve(config.baseline_file),
             baseline_max_age_seconds=config.thresholds.baseline_max_age_seconds,
+            checks_path=config.resolve(config.migration.checks_file),
             probes=config.probes,
             apps=config.apps,
         )
@@ -85,6 +89,8 @@ class Exporter:
                     expected_probes=tuple((p.target, p.name) for p in settings.probes),
                 )
             )
+        if settings.checks_path is not None:
+            sources.append(ChecksSource(settings.checks_path, self.state_source.current_migration_id))
         self.collector = MigexportCollector(
             settings.targets,
             settings.session,
