@@ -97,7 +97,12 @@ def test_every_alert_carries_the_contract_labels_and_annotations():
     by_action = {r["labels"]["action"]: set() for r in rules.values()}
     for name, rule in rules.items():
         by_action[rule["labels"]["action"]].add(name)
-    assert by_action["rollback"] == {"MigrationFailed", "MigrationApplicationDown", "MigrationCriticalQueryFailing"}
+    assert by_action["rollback"] == {
+        "MigrationFailed",
+        "MigrationApplicationDown",
+        "MigrationCriticalQueryFailing",
+        "MigrationDataIntegrityFailed",
+    }
     assert by_action["investigate"] == {"MigrationExporterDown", "MigrationRunLost", "MigrationStateUnreadable"}
 
 

@@ -129,6 +129,7 @@ def _immediate(t: Thresholds) -> list[Alert]:
             f"`migexport_probe_success == 0` for {critical_for}, for a probe that worked in the baseline",
             "Immediate rollback if: critical functionality broken",
         ),
+        _data_integrity_failed(),
         Alert(
             "MigrationProbeBroken",
             armed(f"migexport_probe_success == 0\nand on({JOIN}, target, probe) (\n  {never_worked}\n)"),
@@ -143,6 +144,26 @@ def _immediate(t: Thresholds) -> list[Alert]:
             "Key business queries performing well (the probe must work first)",
         ),
     ]
+
+
+def _data_integrity_failed() -> Alert:
+    """A user-declared invariant of `migexport verify` broke. `for: 0s`, like MigrationFailed: the ratio is
+    the outcome of a deliberate verification, not a sample that flaps; it holds until the next verify, so a
+    `for:` would only delay the page. The series carries the id the verification ran for: a verification
+    of an earlier migration cannot arm the one watched now."""
+    return Alert(
+        "MigrationDataIntegrityFailed",
+        armed_same_migration("migexport_data_integrity_ratio < 1"),
+        0,
+        "critical",
+        ROLLBACK,
+        "Data corruption detected: roll back.",
+        "Migration {{ $labels.migration_id }}: only {{ $value | humanizePercentage }} of the data integrity "
+        "checks of the last `migexport verify` passed. Immediate rollback trigger: see which invariant failed "
+        "(`migexport verify -c FILE`), stop the writes that depend on it, and run the rollback procedure.",
+        "`migexport verify` found a data integrity check failing (`migexport_data_integrity_ratio < 1`)",
+        "Immediate rollback if: data corruption detected",
+    )
 
 
 def _relative(t: Thresholds) -> list[Alert]:

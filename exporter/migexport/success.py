@@ -9,7 +9,9 @@ the actual value and whether it passed. One source for the dashboard, the report
   probe's p95 over the watch window; target `success_latency_change_max` (0.10); passed when actual < target.
 - rollback_required: 1 once an `action="rollback"` alert fired for the migration, else 0; target 0; passed
   when actual ≤ target.
-- data_integrity: reserved, no data until a verification feeds it; target 1 (100 %).
+- data_integrity: the share of the data integrity checks of the last `migexport verify` of the migration
+  that passed (`migexport_data_integrity_ratio`, from the checks file); target 1 (100 %); passed when
+  actual ≥ target. No data (neither actual nor passed) while no verification with integrity checks ran.
 
 Live values use the same estimators as the alerts (counts with the exporter's own left out, Δexec/Δcalls,
 histogram_quantile over the probe buckets), over the watch window instead of the rate window: the
@@ -104,12 +106,15 @@ def _actuals(t: Thresholds, w: str) -> list[dict[str, object]]:
         f'or max by ({BY_MIGRATION}) (max_over_time({ACTUAL}{{criterion="rollback_required"}}[{w}]) > 0)\n'
         f"or {MIGRATION} * 0"
     )
+    # The verification's own migration_id: a verification of another migration fills in nothing here.
+    integrity = f"max by ({BY_MIGRATION}) (migexport_data_integrity_ratio)"
     only_while_exported = f"\nand on({BY_MIGRATION}) {MIGRATION}"
     return [
         _rule(ACTUAL, "duration", f"({elapsed}){only_while_exported}"),
         _rule(ACTUAL, "error_rate_change", f"({error_change}){only_while_exported}"),
         _rule(ACTUAL, "response_time_change", f"({response_change}){only_while_exported}"),
         _rule(ACTUAL, "rollback_required", f"({rollback}){only_while_exported}"),
+        _rule(ACTUAL, "data_integrity", f"({integrity}){only_while_exported}"),
     ]
 
 
@@ -118,5 +123,7 @@ def _passed() -> list[dict[str, object]]:
         selector = f'{{criterion="{criterion}"}}'
         return _rule(PASSED, criterion, f"{ACTUAL}{selector}\n{op} bool on({BY_MIGRATION}) {TARGET}{selector}")
 
-    # data_integrity has a target and nothing else until a verification feeds it: no data, not FAIL.
-    return [compare(c, "<=" if c == "rollback_required" else "<") for c in CRITERIA if c != "data_integrity"]
+    # Lower is better, except data_integrity (a share passed, 1 = 100 %). Without a verification it has a
+    # target and no actual, so `bool` yields no passed series either: no data, not FAIL.
+    ops = {"rollback_required": "<=", "data_integrity": ">="}
+    return [compare(c, ops.get(c, "<")) for c in CRITERIA]
