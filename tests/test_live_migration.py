@@ -25,6 +25,12 @@ migration's watch window has closed and the rate window no longer holds the prev
                         writes violate: MigrationErrorRateIncreased delivered; the constraint is dropped after
     (g)         ~35 s   a migration runs, then replay is paused on the replica while the app writes: the lag
                         alerts from both ends, and no latency or error alert over the window
+    (h)         ~20 s   `run --time-limit 3s -- sleep 60`: killed at its limit, MigrationFailed paged
+
+The success-criteria table is read for each: (a) and (b) just before their watch windows close, every
+row PASS and data integrity NO DATA; (c) and (d) rollback required FAIL, duration PASS (a command that
+fails at once is within budget); (e) response time change FAIL while the index is missing; (f) error
+rate change FAIL; (h) duration and rollback required FAIL.
 
 Measured per scenario: the time from onset (the migration's start from the state file; the pause for (g))
 to the delivered notification, and every alert Prometheus showed (pending or firing) with its time. The
@@ -252,12 +258,20 @@ class Live:
     def primary(self) -> psycopg.Connection:
         return self.pg.primary.connect(dbname=DATABASE, application_name="test-restore")
 
-    def migrate(self, *command: str, migration_id: str | None = None, watch_window: float | None = None) -> Run:
+    def migrate(
+        self,
+        *command: str,
+        migration_id: str | None = None,
+        watch_window: float | None = None,
+        time_limit: float | None = None,
+    ) -> Run:
         argv = [*migexport_argv(), "run", "-c", str(self.cfg)]
         if migration_id:
             argv += ["--id", migration_id]
         if watch_window:
             argv += ["--watch-window", f"{watch_window:g}s"]
+        if time_limit:
+            argv += ["--time-limit", f"{time_limit:g}s"]
         proc = subprocess.run(
             [*argv, "--", *command],
             env=self.migration_env,
@@ -276,6 +290,14 @@ class Live:
         )
         self.last_run_end, self.last_watch_window = run.ended, run.watch_window
         return run
+
+    def criteria(self, migration_id: str = MIGRATION_ID) -> dict[str, dict[str, float]]:
+        """The success-criteria table as Prometheus has it now: {criterion: {target, actual, passed}}."""
+        table: dict[str, dict[str, float]] = {}
+        for which in ("target", "actual", "passed"):
+            for r in self.prom.query(f'migexport:success_criterion:{which}{{migration_id="{migration_id}"}}'):
+                table.setdefault(r["metric"]["criterion"], {})[which] = float(r["value"][1])
+        return table
 
     def sql(self, statement: str) -> list[str]:
         return [*self.psql, "-c", statement]
@@ -594,6 +616,10 @@ def _expect_nothing(live: Live, name: str, *command: str) -> None:
     pre = live.settle()
     before = live.app.stats()
     run = live.migrate(*command)
+    # The success criteria are judged over the watch window (a range of its length): read them just
+    # before it closes, when that range holds the migration and everything after it.
+    time.sleep(max(0.0, run.ended + run.watch_window - 2 - time.time()))
+    criteria = live.criteria()
     end = run.ended + run.watch_window + 3  # the whole watch window, and a delivery that was on its way
     time.sleep(max(0.0, end - time.time()))
     alerts = live.timeline.alerts_between(run.started, end)
@@ -607,6 +633,7 @@ def _expect_nothing(live: Live, name: str, *command: str) -> None:
         alerts=_describe(alerts, run.started),
         delivered=_describe_deliveries(delivered, run.started),
         app=live.app.stats().since(before),
+        success_criteria=criteria,
         **pre,
     )
     assert run.rc == 0, run.output
@@ -614,6 +641,21 @@ def _expect_nothing(live: Live, name: str, *command: str) -> None:
         f"{name}: alerts during its watch window (seconds from start): {_describe(alerts, run.started)}"
     )
     assert delivered == [], f"{name}: notifications: {_describe_deliveries(delivered, run.started)}"
+    _assert_criteria(name, criteria, passed=CLEAN_CRITERIA)
+
+
+# A clean migration's table: every row PASS but data integrity, which has a target and no value until
+# a verification feeds it (NO DATA on the dashboard, not FAIL).
+CLEAN_CRITERIA = {"duration": 1, "error_rate_change": 1, "response_time_change": 1, "rollback_required": 1}
+
+
+def _assert_criteria(name: str, criteria: dict[str, dict[str, float]], passed: dict[str, float]) -> None:
+    """`passed` holds the expected passed value of some rows; every row has its target; data integrity has
+    no actual and no passed value (no verification ran)."""
+    got = {c: v.get("passed") for c, v in criteria.items() if c in passed}
+    assert got == passed, f"{name}: success criteria {criteria}"
+    assert {c for c, v in criteria.items() if "target" in v} == {*CLEAN_CRITERIA, "data_integrity"}, criteria
+    assert criteria["data_integrity"] == {"target": 1.0}, f"{name}: data integrity must read NO DATA: {criteria}"
 
 
 def test_a_benign_add_column_pages_nothing(live: Live):
@@ -650,6 +692,8 @@ def _failed_run_pages_under_its_id(live: Live, name: str, migration_id: str) -> 
     deadline = run.ended + run.watch_window + 2
     page = _wait_delivery(live, run.started, deadline, "MigrationFailed", "/page", migration_id=migration_id)
     time.sleep(max(0.0, deadline - time.time()))  # the report covers its whole watch window
+    # After the window: ALERTS no longer holds MigrationFailed (disarmed); the rollback row's latch does.
+    criteria = live.criteria(migration_id)
     failed_pages = live.timeline.delivered(run.started, alertname="MigrationFailed")
     live.scenario(
         name,
@@ -661,6 +705,7 @@ def _failed_run_pages_under_its_id(live: Live, name: str, migration_id: str) -> 
         onset_to_page_s=round(page["at"] - run.started, 1) if page else None,
         alerts=_describe(live.timeline.alerts_between(run.started, deadline), run.started),
         delivered=_describe_deliveries(live.timeline.delivered(run.started, deadline), run.started),
+        success_criteria=criteria,
         **pre,
     )
     assert run.rc == 1, run.output
@@ -673,6 +718,9 @@ def _failed_run_pages_under_its_id(live: Live, name: str, migration_id: str) -> 
     assert page["labels"]["action"] == "rollback"
     wrong = [d for d in failed_pages if d["labels"].get("migration_id") != migration_id]
     assert wrong == [], f"{name}: MigrationFailed paged under another id: {_describe_deliveries(wrong, run.started)}"
+    # A rollback trigger fired: "Rollback required: Yes". A command that fails at once is within its budget.
+    _assert_criteria(name, criteria, passed={"duration": 1, "rollback_required": 0})
+    assert criteria["rollback_required"]["actual"] == 1, criteria
 
 
 def test_c_a_failed_run_of_another_id_pages_under_that_id(live: Live):
@@ -690,13 +738,21 @@ def _series(delivery: dict[str, Any]) -> str:
 
 
 def _harmful_migration_pages(
-    live: Live, name: str, statement: str, alertname: str, restore: str, restore_what: str, series: set[str]
+    live: Live,
+    name: str,
+    statement: str,
+    alertname: str,
+    restore: str,
+    restore_what: str,
+    series: set[str],
+    failing_criterion: str | None = None,
 ) -> None:
     """The migration does harm: expect `alertname` delivered within its watch window. The harm is undone
     once every one of `series` has paged, or EXTRA_WAIT after the first page, or when the window closes."""
     pre = live.settle()
     before = live.app.stats()
     firsts: dict[str, float] = {}
+    criteria: dict[str, dict[str, float]] = {}
     try:
         run = live.migrate(*live.sql(statement))
         window_end = run.ended + run.watch_window
@@ -709,6 +765,14 @@ def _harmful_migration_pages(
                 deadline = min(window_end + 2, min(firsts.values()) + EXTRA_WAIT)
             time.sleep(0.1)
         during = live.app.stats().since(before)
+        # The table while the harm is still there (it judges the whole window, so it stays FAIL a while after).
+        if failing_criterion:
+            wait_for(
+                lambda: live.criteria().get(failing_criterion, {}).get("passed") == 0,
+                timeout=max(1.0, window_end - time.time()),
+                what=f"the {failing_criterion} row to FAIL",
+            )
+        criteria = live.criteria()
     finally:
         with live.primary() as conn:
             conn.execute(restore)
@@ -727,6 +791,7 @@ def _harmful_migration_pages(
         alerts=_describe(live.timeline.alerts_between(run.started, end), run.started),
         delivered=_describe_deliveries(live.timeline.delivered(run.started, end), run.started),
         app_until_restored=during,
+        success_criteria=criteria,
         **pre,
     )
     assert run.rc == 0, run.output
@@ -734,6 +799,9 @@ def _harmful_migration_pages(
         f"{name}: no {alertname} delivered within the watch window; Prometheus: "
         f"{_describe(live.timeline.alerts_between(run.started, end), run.started)}; app: {during}"
     )
+    if failing_criterion:
+        _assert_criteria(name, criteria, passed={failing_criterion: 0, "duration": 1, "rollback_required": 1})
+        assert criteria[failing_criterion]["actual"] > criteria[failing_criterion]["target"], criteria
 
 
 def test_e_dropping_the_index_the_app_uses_pages_latency_degraded(live: Live):
@@ -745,6 +813,7 @@ def test_e_dropping_the_index_the_app_uses_pages_latency_degraded(live: Live):
         f"CREATE INDEX IF NOT EXISTS {live_app.CUSTOMER_INDEX} ON {live_app.TABLE} (customer)",
         "index re-created",
         {"primary", f"probe {PROBE}"},  # the app's statements and the key-query probe both slow down
+        failing_criterion="response_time_change",
     )
 
 
@@ -757,6 +826,7 @@ def test_f_a_constraint_the_app_violates_pages_error_rate_increased(live: Live):
         f"ALTER TABLE {live_app.TABLE} DROP CONSTRAINT IF EXISTS amount_positive",
         "constraint dropped",
         {"primary"},
+        failing_criterion="error_rate_change",
     )
 
 
@@ -804,3 +874,37 @@ def test_g_paused_replay_pages_the_lag_alerts_and_no_latency_or_error_alert(live
     assert {"primary/replica1", "replica1/"} <= set(firsts), f"lag alerts delivered from: {sorted(firsts)}"
     assert bad_alerts == [], f"latency/error alerts fired while replay was paused: {_describe(bad_alerts, paused)}"
     assert bad_deliveries == [], f"latency/error notifications: {_describe_deliveries(bad_deliveries, paused)}"
+
+
+def test_h_a_migration_killed_at_its_time_limit_fails_the_duration_and_rollback_rows(live: Live):
+    """`run --time-limit 3s -- sleep 60`: killed at its limit (exit 124), MigrationFailed pages, and the
+    table reads duration FAIL (it took its whole budget) and rollback required FAIL."""
+    pre = live.settle()
+    run = live.migrate("sleep", "60", migration_id="timeout", watch_window=FAILED_WATCH_WINDOW, time_limit=3)
+    deadline = run.ended + run.watch_window
+    wanted = {"duration": 0.0, "rollback_required": 0.0}
+
+    def failed_rows() -> bool:
+        table = live.criteria("timeout")
+        return all(table.get(c, {}).get("passed") == v for c, v in wanted.items())
+
+    wait_for(failed_rows, timeout=max(1.0, deadline - time.time()), what="the duration and rollback rows to FAIL")
+    criteria = live.criteria("timeout")
+    page = _wait_delivery(live, run.started, deadline + 2, "MigrationFailed", "/page", migration_id="timeout")
+    live.scenario(
+        "h_timed_out",
+        expected="duration FAIL, rollback_required FAIL, MigrationFailed on /page",
+        command=["sleep 60", "--time-limit 3s"],
+        migration_id="timeout",
+        rc=run.rc,
+        migration_s=round(run.ended - run.started, 2),
+        success_criteria=criteria,
+        onset_to_page_s=round(page["at"] - run.started, 1) if page else None,
+        delivered=_describe_deliveries(live.timeline.delivered(run.started, deadline + 2), run.started),
+        **pre,
+    )
+    assert run.rc == 124, run.output
+    _assert_criteria("h_timed_out", criteria, passed=wanted)
+    assert criteria["duration"]["target"] == 3.0
+    assert criteria["duration"]["actual"] >= 3.0, criteria
+    assert page is not None, "MigrationFailed{migration_id='timeout'} was not paged"
