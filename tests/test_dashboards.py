@@ -22,6 +22,7 @@ from test_baseline_gauges import make_doc
 
 from conftest import ddl_lock_queue, monitor_dsn, prometheus_server, wait_for
 from migexport.baseline_file import write_baseline
+from migexport.checks.result import CheckResult, Report, Status, write_report
 from migexport.config import App, Migration, Probe, Thresholds
 from migexport.dashboards import DATABASE_UID, FILES, MARKER, MIGRATION_UID, render
 from migexport.dsn import Target
@@ -237,6 +238,8 @@ def test_the_migration_dashboard_has_its_parts(docs):
         "migexport_app_health_up",
         "migexport_migration_start_timestamp_seconds",
         "migexport_migration_end_timestamp_seconds",
+        "migexport_preflight_check",
+        "migexport_verify_check",
     ):
         assert metric in exprs, metric
     criteria = next(p for p in panels(doc) if p["title"] == "Success criteria")
@@ -246,6 +249,15 @@ def test_the_migration_dashboard_has_its_parts(docs):
     assert mappings[0]["options"]["0"]["text"] == "FAIL" and mappings[0]["options"]["0"]["color"] == "red"
     assert mappings[1]["options"]["match"] == "null+nan" and mappings[1]["options"]["result"]["text"] == "NO DATA"
     assert {a["name"] for a in doc["annotations"]["list"]} == {"Migration start", "Migration end"}
+    for title in ("Last preflight", "Last verify"):
+        checks = next(p for p in panels(doc) if p["title"] == title)
+        result = next(o for o in checks["fieldConfig"]["overrides"] if o["matcher"]["options"] == "result")
+        mapping = next(prop["value"] for prop in result["properties"] if prop["id"] == "mappings")[0]["options"]
+        assert {v: (m["text"], m["color"]) for v, m in mapping.items()} == {
+            "1": ("PASS", "green"),
+            "0": ("FAIL", "red"),
+            "-1": ("WARN", "orange"),
+        }
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Thresholds)])
@@ -343,7 +355,8 @@ LIVE_THRESHOLDS = Thresholds(
 # Queries that may return nothing here, with the condition the test did not induce: (file, where) → why.
 # Empty: the test induces every condition a query needs (a running then finished migration, a lock queue
 # behind the migration's ALTER, paused replay, rollbacks, a probe, an unreachable health URL, a baseline
-# with a probe, an alert firing). A deadlock is not induced, but increase() of an unmoved counter is 0.
+# with a probe, an alert firing, a checks file with a preflight and a verify). A deadlock is not induced,
+# but increase() of an unmoved counter is 0.
 NOT_INDUCED: dict[tuple[str, str], str] = {}
 
 
@@ -358,6 +371,13 @@ def live_baseline(path: Path) -> None:
     doc["migration_id"] = LIVE_ID
     doc["probes"] = {"one": {**doc["probes"]["recent_orders"], "target": "primary"}}
     write_baseline(path, doc, force=True)
+
+
+def live_checks(path: Path) -> None:
+    """The last preflight and verify of the live migration, as `migexport preflight` and `verify` write them."""
+    write_report(path, Report("preflight", [CheckResult("pitr", Status.PASS, "on", "on")], migration_id=LIVE_ID))
+    verify = [CheckResult("invalid_indexes", Status.PASS, "none", "none", "", "dash_t")]
+    write_report(path, Report("verify", verify, LIVE_ID, integrity_passed=1, integrity_total=1))
 
 
 def snapshot(url: str, docs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], int]:
@@ -377,6 +397,7 @@ def test_every_query_returns_data_from_a_live_exporter(pg, tmp_path: Path):
     rules = tmp_path / "rules.yml"
     rules.write_text(render_rules(LIVE_THRESHOLDS, watch_window_seconds=migration.watch_window_seconds))
     live_baseline(tmp_path / "baseline.json")
+    live_checks(tmp_path / "checks.json")
     exporter = Exporter(
         ServeSettings(
             targets=[Target("primary", monitor_dsn(pg.primary)), Target("replica1", monitor_dsn(pg.replicas[0]))],
@@ -385,6 +406,7 @@ def test_every_query_returns_data_from_a_live_exporter(pg, tmp_path: Path):
             migration=migration,
             state_path=tmp_path / "state.json",
             baseline_path=tmp_path / "baseline.json",
+            checks_path=tmp_path / "checks.json",
             probes=(Probe("one", "SELECT 1", "primary", interval_seconds=0.5),),
             apps=(App("web", f"http://127.0.0.1:{closed_port()}/healthz", interval_seconds=0.5, timeout_seconds=1),),
         )

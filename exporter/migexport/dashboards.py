@@ -454,6 +454,47 @@ def _migration_top(lay: Layout, t: Thresholds, m: Migration) -> None:
         24,
         8,
     )
+    _checks_panels(lay)
+
+
+CHECK_RESULTS = {"1": ("PASS", "green"), "0": ("FAIL", "red"), "-1": ("WARN", "orange")}
+
+
+def _checks_panels(lay: Layout) -> None:
+    """The last preflight and verify of the migration, from the checks file `serve` exports."""
+    for kind, what in (
+        (
+            "preflight",
+            "go / no-go before the migration: PITR, backup, baseline, replication, traffic, nothing "
+            "else in flight, headroom, rollback ready, SQL lint (squawk)",
+        ),
+        (
+            "verify",
+            "after the migration, against the snapshot taken before it: schema diff, invalid indexes, "
+            "NOT VALID constraints, rewrites, data integrity",
+        ),
+    ):
+        lay.add(
+            _table(
+                f"Last {kind}",
+                f'Each check of the last `migexport {kind}` of the migration ({what}): PASS, WARN (also "cannot '
+                f'check") or FAIL; table: the affected table of a per-table check. From migexport_{kind}_check '
+                f"(the checks file, migration.checks_file); empty until `migexport {kind}` ran. Details: "
+                f"`migexport {kind} -c migexport.yml`.",
+                "none",
+                _q(f"migexport_{kind}_check{{{M}}}", "", "A", instant=True, table_format=True),
+            )
+            .with_transformation(_organize(["Time", "__name__", "job", "instance"], {"Value": "result"}))
+            .override_by_name(
+                "result",
+                [
+                    DynamicConfigValue(id_val="mappings", value=_value_map(CHECK_RESULTS)),
+                    DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-background"}),
+                ],
+            ),
+            12,
+            8,
+        )
 
 
 def _migration_signals(lay: Layout, t: Thresholds) -> None:
