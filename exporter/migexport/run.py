@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import psycopg
 import psycopg.errors
 
+from migexport.checks.result import Report, Status, render_table
 from migexport.dsn import TargetError, password_of, redact, resolve_source, validate_dsn
 from migexport.state import (
     FAILED,
@@ -48,6 +49,8 @@ from migexport.state import (
 )
 
 EXIT_TIMED_OUT = 124  # what timeout(1) returns
+EXIT_NO_GO = 1  # preflight said no-go: the command did not start
+EXIT_VERIFY_FAILED = 3  # the command succeeded, the verification after it failed
 EXIT_NOT_FOUND = 127
 KILL_GRACE_SECONDS = 5.0
 END_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -279,6 +282,31 @@ def _kill_group(pgid: int, proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@dataclass(frozen=True)
+class Around:
+    """What `run` does before and after the command; each step None when skipped. The steps record
+    their own results (checks file, snapshot file); `run` logs them, gates on them and keeps a summary
+    in the state file."""
+
+    preflight: Callable[[], Report] | None = None  # before anything: a no-go refuses to start
+    snapshot: Callable[[], str] | None = None  # the affected tables before the command: a summary line
+    verify: Callable[[], Report] | None = None  # after a command that succeeded
+
+
+def _summary(report: Report, good: str, bad: str) -> dict[str, Any]:
+    failed = [c.check + (f"({c.table})" if c.table else "") for c in report.checks if c.status is Status.FAIL]
+    warned = [c.check + (f"({c.table})" if c.table else "") for c in report.checks if c.status is Status.WARN]
+    out: dict[str, Any] = {
+        "result": good if report.ok else bad,
+        "at": int(report.at),
+        "failed": _clip(", ".join(failed)),
+        "warned": _clip(", ".join(warned)),
+    }
+    if report.integrity_total:
+        out["integrity"] = f"{report.integrity_passed}/{report.integrity_total}"
+    return out
+
+
 class _StateWriter:
     """Publishes the state; while running, a thread rewrites it every HEARTBEAT_INTERVAL_SECONDS so a
     reader can tell a live run from one that was killed without a trace. After end() nothing else is
@@ -318,6 +346,12 @@ class _StateWriter:
     def end(self, **changes: Any) -> None:
         self.stopped.set()
         self.publish(final=True, **changes)
+
+    def amend(self, **changes: Any) -> None:
+        """After the end: add what came later (the verification) without touching the rest."""
+        with self.lock:
+            self.base = dataclasses.replace(self.base, **changes)
+            write_state(self.path, self.base)
 
 
 def _clip(text: str | None) -> str | None:
@@ -471,12 +505,31 @@ class _Run:
         self.writer.end(status=status, ended_at=ended, exit_code=code, server_cancel=self.cancel)
         return code
 
-    def execute(self, previous: str | None) -> int:
+    def verify(self, verify: Callable[[], Report]) -> int:
+        """After a command that succeeded: verify, log the table, amend the state; 3 when it failed."""
+        try:
+            report = verify()
+        except Exception as exc:  # the migration is done: say the verification is missing, keep its code
+            self.say_warning(f"verify could not run: {redact(str(exc))[:MAX_RECORDED_TEXT]}")
+            self.writer.amend(verify={"result": "error", "at": int(time.time()), "failed": "", "warned": ""})
+            return 0
+        self.say(f"Verify at {_stamp(report.at)}:\n{render_table(report.checks)}")
+        self.echo(f"Verify at {_stamp(report.at)}:\n{render_table(report.checks)}\n")
+        summary = _summary(report, "passed", "failed")
+        self.writer.amend(verify=summary)
+        if report.ok:
+            return 0
+        self.say(f"verify: FAILED ({summary['failed']}): exit code {EXIT_VERIFY_FAILED}", stderr=True)
+        return EXIT_VERIFY_FAILED
+
+    def execute(self, previous: str | None, snapshot_note: str | None = None) -> int:
         self.say(f"Migration started at {_stamp(self.base.started_at)}")
         self.say(
             f"migration {self.base.migration_id}: {shlex.join(self.command)} "
             f"(time limit {self.base.time_budget_seconds:g}s)"
         )
+        if snapshot_note:
+            self.say(f"snapshot: {snapshot_note}")
         if previous:
             self.say_warning(previous)
         try:
@@ -512,6 +565,41 @@ class _Run:
         return self.finish(proc, timed_out)
 
 
+def _log_lines(log: TextIO, echo: Callable[[str], None], text: str) -> None:
+    log.write(text + "\n")
+    log.flush()
+    echo(text + "\n")
+
+
+def _preflight(around: Around, log: TextIO, echo: Callable[[str], None]) -> dict[str, Any] | None:
+    """The go / no-go before anything starts: the table into the log (and on screen); RunError on no-go."""
+    if around.preflight is None:
+        return None
+    report = around.preflight()
+    _log_lines(log, echo, f"Preflight at {_stamp(report.at)}:\n{render_table(report.checks)}")
+    summary = _summary(report, "go", "no-go")
+    if not report.ok:
+        _log_lines(log, echo, f"preflight: no-go (FAIL: {summary['failed']}): the command was not started")
+        raise RunError(
+            f"preflight: no-go (FAIL: {summary['failed']}); fix them, or run with --skip-preflight", EXIT_NO_GO
+        )
+    return summary
+
+
+def _snapshot(around: Around, log: TextIO, warn: Callable[[str], None]) -> str | None:
+    """The affected tables before the command. Without it verify can still check validity, so a failure
+    is a warning, not a reason to hold the migration."""
+    if around.snapshot is None:
+        return None
+    try:
+        return around.snapshot()
+    except Exception as exc:  # a check library's failure must not stop the migration it guards
+        line = f"warning: snapshot of the affected tables failed: {redact(str(exc))[:MAX_RECORDED_TEXT]}"
+        log.write(line + "\n")
+        warn(line)
+        return None
+
+
 def run_migration(
     command: list[str],
     migration_id: str,
@@ -523,13 +611,18 @@ def run_migration(
     echo: Callable[[str], None] = _echo,
     warn: Callable[[str], None] = _warn,
     environ: Mapping[str, str] = os.environ,
+    around: Around = Around(),
 ) -> int:
     """Run the command under its time limit; returns its exit status (124 at the time limit).
 
     At the time limit: end the migration's sessions on the server, kill the process group, end any
     session left, then record the end. On SIGINT/SIGTERM/SIGHUP: forward it to the command, end the
     sessions on the server, wait for the command, end any session left, record the end. `server`
-    None: nothing is done on the server (no way to reach it)."""
+    None: nothing is done on the server (no way to reach it).
+
+    Around the command (`around`): the fast preflight first (a no-go exits 1 before anything starts),
+    the snapshot of the affected tables, and after a command that succeeded the verification (a failed
+    one exits 3); each logged, summarised in the state file."""
     if not command:
         raise RunError("no command given: migexport run [OPTIONS] -- COMMAND [ARGS...]")
     previous = check_not_running(state_path)
@@ -539,6 +632,12 @@ def run_migration(
         log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:
         raise RunError(f"cannot open migration log {log_path}: {exc.strerror}") from None
+    try:
+        preflight = _preflight(around, log, echo)
+        snapshot_note = _snapshot(around, log, warn)
+    except BaseException:
+        log.close()
+        raise
     machine = this_machine()
     base = MigrationState(
         migration_id=migration_id,
@@ -551,9 +650,12 @@ def run_migration(
         boot_id=machine.boot_id,
         pid_namespace=machine.pid_namespace,
         heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
+        preflight=preflight,
     )
     try:
-        return _Run(command, base, log, state_path, control, echo, warn).execute(previous)
+        run = _Run(command, base, log, state_path, control, echo, warn)
+        code = run.execute(previous, snapshot_note)
+        return run.verify(around.verify) if code == 0 and around.verify else code
     finally:
         if control is not None:
             control.close()

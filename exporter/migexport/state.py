@@ -114,6 +114,11 @@ class MigrationState:
     command_pid: int | None = None  # also the command's process group: `kill -- -PID` ends all of it
     # What the time limit or a signal did on the server: {"terminated": N, "remaining": M, "error": "..."}.
     server_cancel: dict[str, Any] | None = field(default=None)
+    # The checks `run` did around the command (summaries; the whole reports are in the checks file):
+    # {"result": "go"|"no-go", "at": N, "failed": "a, b", "warned": "c"} and
+    # {"result": "passed"|"failed"|"error", "at": N, "failed": "...", "integrity": "3/4"}.
+    preflight: dict[str, Any] | None = field(default=None)
+    verify: dict[str, Any] | None = field(default=None)
 
     @property
     def in_progress(self) -> bool:
@@ -301,4 +306,6 @@ def read_state(path: Path) -> MigrationState | None:
         heartbeat_interval_seconds=f.number("heartbeat_interval_seconds"),
         command_pid=f.integer("command_pid", minimum=1),
         server_cancel=f.record("server_cancel"),
+        preflight=f.record("preflight"),
+        verify=f.record("verify"),
     )
