@@ -431,6 +431,37 @@ def _wait_for_signal() -> None:
         pass
 
 
+@cli.command()
+@CONFIG_OPTION
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--fast", is_flag=True, help="Leave out the backup command and the SQL lint (what 'run' checks).")
+def preflight(config_path: str | None, output_format: str, fast: bool) -> None:
+    """Go / no-go before the migration: PITR, backup, baseline, replication, traffic, nothing else in
+    flight, headroom, rollback, SQL lint. Exit 0 go, 1 no-go (a FAIL), 2 bad input.
+
+    The result is also written to the config's migration.checks_file, which 'serve' exports.
+    """
+    from migexport.checks.preflight import run_preflight
+    from migexport.checks.result import render_json, render_table, write_report
+
+    config = _load_config(config_path)
+    if config is None:
+        raise UserError("preflight needs --config FILE (targets, the migration, its thresholds)")
+    report = run_preflight(config, fast=fast)
+    checks_file = config.resolve(config.migration.checks_file)
+    try:
+        write_report(checks_file, report)
+    except OSError as exc:
+        raise UserError(f"cannot write {checks_file}: {exc.strerror or exc}") from None
+    if output_format == "json":
+        click.echo(render_json(report), nl=False)
+    else:
+        click.echo(redact(render_table(report.checks)))
+        failed = [c.check for c in report.checks if c.status.name == "FAIL"]
+        click.echo(f"\nNO-GO: {', '.join(dict.fromkeys(failed))} failed" if failed else "\nGO: nothing failed")
+    sys.exit(0 if report.ok else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, exit 2 for usage errors, 1 for anything unexpected."""
     try:
