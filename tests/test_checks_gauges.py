@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import Metrics, monitor_dsn, scrape, series, value
+from conftest import Metrics, monitor_dsn, prometheus_server, scrape, series, value, wait_for
 from migexport.checks.result import CheckResult, Report, Status, write_report
-from migexport.config import Migration
+from migexport.config import Migration, Thresholds
 from migexport.dsn import Target
+from migexport.rulegen import render as render_rules
 from migexport.service import Exporter
 from migexport.state import RUNNING, MigrationState, write_state
 from test_cli import Serve
@@ -187,3 +190,41 @@ def test_serve_exports_the_configs_checks_file_or_the_one_given(pg, tmp_path: Pa
         finally:
             server.stop()
         assert value(m, "migexport_data_integrity_ratio", migration_id=MIGRATION) == ratio
+
+
+def test_a_failed_integrity_check_pages_and_fails_the_success_row_in_prometheus(serve, tmp_path: Path):
+    """The rules as rendered, in a real Prometheus scraping a real exporter: 3 of 4 integrity checks of the
+    running migration fail -> MigrationDataIntegrityFailed fires (rollback) and data_integrity reads FAIL;
+    a new verify with all passing -> the alert resolves and the row reads PASS."""
+    now = time.time()
+    state = MigrationState(MIGRATION, RUNNING, started_at=now, time_budget_seconds=1800, watch_window_seconds=3600)
+    write_state(tmp_path / "state.json", state)
+    path = tmp_path / "migexport-checks.json"
+    write_report(path, verify(3, 4))
+    exporter = serve(path)
+    rules = tmp_path / "rules.yml"
+    rules.write_text(render_rules(Thresholds()))
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            {"job_name": "migexport", "static_configs": [{"targets": [exporter.url.removeprefix("http://")]}]}
+        ],
+    }
+    firing = 'ALERTS{alertname="MigrationDataIntegrityFailed", alertstate="firing", action="rollback"}'
+    passed = 'migexport:success_criterion:passed{criterion="data_integrity"}'
+
+    def row() -> list[float]:
+        return [float(r["value"][1]) for r in prom.query(passed) if r["metric"]["migration_id"] == MIGRATION]
+
+    with prometheus_server(tmp_path, yaml.safe_dump(config)) as prom:
+        wait_for(lambda: prom.query(firing) != [], timeout=60, what="MigrationDataIntegrityFailed firing")
+        [alert] = prom.query(firing)
+        assert alert["metric"]["migration_id"] == MIGRATION and alert["metric"]["severity"] == "critical"
+        wait_for(lambda: row() == [0.0], timeout=30, what="the data_integrity row to read FAIL")
+        actual = prom.query('migexport:success_criterion:actual{criterion="data_integrity"}')
+        assert [float(r["value"][1]) for r in actual] == [0.75]
+
+        write_report(path, verify(4, 4))
+        wait_for(lambda: row() == [1.0], timeout=30, what="the data_integrity row to read PASS")
+        wait_for(lambda: prom.query(firing) == [], timeout=30, what="MigrationDataIntegrityFailed to resolve")
