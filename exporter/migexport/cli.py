@@ -23,7 +23,7 @@ from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, Thr
 from migexport.dashboards import render as render_dashboards
 from migexport.dsn import TargetError, parse_targets, redact
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, render
-from migexport.run import RunError, ServerSide, run_migration
+from migexport.run import Around, RunError, ServerSide, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
 from migexport.state import write_atomic
 from migexport.targets import SessionSettings
@@ -350,6 +350,8 @@ def show_baseline(path: str) -> None:
     help="How to reach the server to end the migration's sessions at the time limit or on a signal: a libpq "
     "DSN or URI, env:VAR or file:PATH.  [default: the config's migration.control_dsn, else the PG* environment]",
 )
+@click.option("--skip-preflight", is_flag=True, help="Start even when the preflight checks say no-go.")
+@click.option("--no-verify", is_flag=True, help="No snapshot before the command and no verification after it.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def run(
     config_path: str | None,
@@ -359,6 +361,8 @@ def run(
     state_file: str | None,
     migration_id: str | None,
     control_dsn: str | None,
+    skip_preflight: bool,
+    no_verify: bool,
     command: tuple[str, ...],
 ) -> None:
     """Run the migration command: log, time limit, signals, exit status, state for 'serve'.
@@ -366,12 +370,20 @@ def run(
     At the time limit or on SIGINT/SIGTERM it also ends the migration's sessions on the server
     (application_name migration.session_application_name, or migration.role).
 
+    With a config it first runs the fast preflight checks (a no-go exits 1 without starting), records
+    the affected tables, and after a command that succeeded runs 'verify' (a failed one exits 3).
+
     Example: PGAPPNAME=migration migexport run -c migexport.yml -- npm run migrate:production
     """
     config = _load_config(config_path)
     # Without a file: the migration section's defaults (30 min budget, files in this directory).
     m = config.migration if config else Migration()
     resolve = config.resolve if config else Path
+    around = Around()
+    if config is not None:
+        from migexport.checks.around_run import around_run
+
+        around = around_run(config, migration_id or m.id, skip_preflight=skip_preflight, no_verify=no_verify)
     try:
         code = run_migration(
             list(command),
@@ -385,6 +397,7 @@ def run(
                 role=m.role,
                 control_dsn=m.control_dsn if control_dsn is None else control_dsn,
             ),
+            around=around,
         )
     except RunError as exc:
         click.echo(f"migexport: error: {exc}", err=True)
