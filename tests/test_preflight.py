@@ -198,6 +198,9 @@ def test_idle_in_transaction_lock_holder_fails_naming_its_pid(pg, tmp_path):
 
 def test_inactive_slot_warns_and_streaming_standby_passes(pg, tmp_path):
     with pg.primary.connect() as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'pf_idle_slot'"
+        )
         conn.execute("SELECT pg_create_physical_replication_slot('pf_idle_slot')")
     try:
         targets = {"primary": monitor_dsn(pg.primary), "replica1": monitor_dsn(pg.replicas[0])}

@@ -133,7 +133,8 @@ def check_holders(session: Session) -> list[CheckResult]:
     rows = session.ctx.query(HOLDERS_SQL, (list(names),))
     old = [r for r in rows if r[5] is None or r[5] > max_age]
     if not old:
-        return [CheckResult(HOLDERS, Status.PASS, f"{len({r[1] for r in rows})} sessions, all younger", limit)]
+        holders = len({r[1] for r in rows})
+        return [CheckResult(HOLDERS, Status.PASS, f"{holders} sessions, all younger" if holders else "none", limit)]
     value = "; ".join(
         f"{who(pid, user, app, state)} holds {modes} on {names.get(rel, rel)} for {fmt_age(age)}"
         for rel, pid, user, app, state, age, modes in old

@@ -113,4 +113,4 @@ def check_slots(session: Session) -> list[CheckResult]:
                 "(logical subscribers also need the new schema: DDL is not replicated)",
             )
         ]
-    return [CheckResult(SLOTS, Status.PASS, f"{len(rows)} slots, all active", limit)]
+    return [CheckResult(SLOTS, Status.PASS, f"{len(rows)} slots, all active" if rows else "no slots", limit)]
