@@ -30,6 +30,7 @@ from migexport.state import write_atomic
 FORMAT = "migexport-checks"
 VERSION = 1
 KINDS = ("preflight", "verify")
+MAX_COLUMN = 48  # characters; a table wider than a terminal is not read
 
 
 class Status(enum.IntEnum):
@@ -100,7 +101,10 @@ def render_table(checks: Iterable[CheckResult]) -> str:
     """A fixed-width table: STATUS, CHECK (table), VALUE, LIMIT, then the advice on its own line."""
     rows = [(c.status.name, c.check + (f" ({c.table})" if c.table else ""), c.value, c.limit, c.advice) for c in checks]
     header = ("STATUS", "CHECK", "VALUE", "LIMIT")
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(3)]
+    # A long value (a list of sessions, an error) pushes only its own row's limit to the right.
+    widths = [
+        min(MAX_COLUMN, max(len(header[i]), *(len(r[i]) for r in rows))) if rows else len(header[i]) for i in range(3)
+    ]
     lines = [f"{header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]:<{widths[2]}}  {header[3]}"]
     for status, check, value, limit, advice in rows:
         lines.append(f"{status:<{widths[0]}}  {check:<{widths[1]}}  {value:<{widths[2]}}  {limit}".rstrip())
