@@ -365,3 +365,22 @@ def test_unreachable_target_is_no_go_and_bad_input_exit_2(tmp_path):
         bad = run_cli("preflight", *args)
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_uncommitted_ddl_elsewhere_is_another_change_a_finished_one_is_not(pg, tmp_path):
+    config = write_config(tmp_path, {"primary": monitor_dsn(pg.primary)})
+    with pg.primary.connect() as conn:
+        conn.execute("DROP TABLE IF EXISTS pf_elsewhere; CREATE TABLE pf_elsewhere (id int)")
+    done = pg.primary.connect(application_name="pf-done")
+    open_ddl = pg.primary.connect(application_name="pf-open-ddl")
+    try:
+        done.execute("/* deploy 41 */ ALTER TABLE pf_elsewhere ADD COLUMN a int")  # committed: idle now
+        open_ddl.execute("BEGIN")
+        open_ddl.execute("ALTER TABLE pf_elsewhere ADD COLUMN b int")  # holds ACCESS EXCLUSIVE until the end
+        by = rows(preflight(config))
+    finally:
+        open_ddl.close()
+        done.close()
+    changes = by["other_changes"]
+    assert changes.status is Status.FAIL and "pf-open-ddl" in changes.value, changes
+    assert "idle in transaction" in changes.value and "pf-done" not in changes.value

@@ -108,6 +108,9 @@ def guarded(
     except psycopg.Error as exc:
         secret = password_of(session.config.migration_target().dsn) or ""
         reason, advice = error_line(exc, secret), ""
+    except Exception as exc:  # a bug of ours in one check must not hide the others' results
+        log.exception("preflight check %s failed", names[0])
+        reason, advice = f"internal error: {type(exc).__name__}: {error_line(exc)}", "please report it"
     return [cannot_check(name, reason, advice) for name in names]
 
 
