@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import socket
 import subprocess
@@ -457,6 +458,10 @@ def test_every_query_returns_data_from_a_live_exporter(pg, tmp_path: Path):
                 seen[key] = max(seen.get(key, 0), n)
     finally:
         exporter.stop()
+    if os.environ.get("MIGEXPORT_DASHBOARD_REPORT"):  # each query and how many series it returned
+        exprs = {(name, where): expr for name, doc in docs.items() for where, expr, _ in queries(doc)}
+        report = [{"file": f, "where": w, "series": n, "expr": exprs[(f, w)]} for (f, w), n in sorted(seen.items())]
+        Path(os.environ["MIGEXPORT_DASHBOARD_REPORT"]).write_text(json.dumps(report, indent=2) + "\n")
     empty = {key for key, n in seen.items() if n == 0}
     expected = set(NOT_INDUCED)
     assert empty == expected, f"queries without data: {sorted(empty)}"
