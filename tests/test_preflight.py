@@ -384,3 +384,19 @@ def test_uncommitted_ddl_elsewhere_is_another_change_a_finished_one_is_not(pg, t
     changes = by["other_changes"]
     assert changes.status is Status.FAIL and "pf-open-ddl" in changes.value, changes
     assert "idle in transaction" in changes.value and "pf-done" not in changes.value
+
+
+def test_without_pg_monitor_the_checks_say_cannot_check_and_name_the_grant(pg, tmp_path):
+    with pg.primary.connect() as conn:
+        conn.execute("DROP ROLE IF EXISTS pf_plain")
+        conn.execute("CREATE ROLE pf_plain LOGIN")
+    try:
+        config = write_config(tmp_path, {"primary": pg.primary.dsn(user="pf_plain")})
+        write_baseline(tmp_path, {"primary": 100.0})
+        by = rows(preflight(config))
+    finally:
+        with pg.primary.connect() as conn:
+            conn.execute("DROP ROLE pf_plain")
+    for name in ("archive_backlog", "replication", "other_changes", "lock_holders", "oldest_transaction"):
+        assert by[name].status is Status.WARN and by[name].value.startswith("cannot check"), by[name]
+        assert by[name].advice == "GRANT pg_monitor TO pf_plain", by[name]

@@ -104,6 +104,8 @@ def check_other_run(config: Config) -> list[CheckResult]:
 
 
 def check_changes(session: Session) -> list[CheckResult]:
+    if (hidden := session.hidden(CHANGES)) is not None:
+        return [hidden]
     oids = [oid for oid in session.tables().values() if oid is not None]
     rows = session.ctx.query(CHANGES_SQL, {"tables": oids, "ddl": DDL_PATTERN})
     limit = "no DDL, index build, VACUUM FULL/CLUSTER or anti-wraparound vacuum in flight"
@@ -124,6 +126,8 @@ def check_changes(session: Session) -> list[CheckResult]:
 
 
 def check_holders(session: Session) -> list[CheckResult]:
+    if (hidden := session.hidden(HOLDERS)) is not None:
+        return [hidden]
     tables = session.tables()
     names = {oid: name for name, oid in tables.items() if oid is not None}
     max_age = session.config.migration.lock_timeout_seconds
@@ -152,6 +156,8 @@ def check_holders(session: Session) -> list[CheckResult]:
 
 
 def check_oldest(session: Session) -> list[CheckResult]:
+    if (hidden := session.hidden(OLDEST)) is not None:
+        return [hidden]
     rows = session.ctx.query(OLDEST_SQL)
     max_age = session.config.migration.lock_timeout_seconds
     limit = f"<= {fmt_age(max_age)} (migration.lock_timeout)"

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 GRANT = "GRANT pg_monitor TO {user}"
 
+ALL_STATS_SQL = "SELECT pg_has_role('pg_read_all_stats', 'USAGE')"
 # to_regclass() looks the name up without locking the table (a ::regclass cast neither, but it raises
 # for a table that does not exist yet, which a migration may be about to create).
 TABLES_SQL = """
@@ -42,6 +43,7 @@ class Session:
     config: Config
     user: str
     _tables: dict[str, int | None] | None = None
+    _all_stats: bool | None = None
 
     @property
     def server(self) -> ServerInfo:
@@ -53,6 +55,18 @@ class Session:
             names = list(self.config.migration.affected_tables)
             self._tables = {name: oid for name, oid in self.ctx.query(TABLES_SQL, (names,))} if names else {}
         return self._tables
+
+    def hidden(self, name: str) -> CheckResult | None:
+        """A WARN for a check that must see other roles' sessions, when this role cannot.
+
+        Without pg_read_all_stats, pg_stat_activity hides the query, state and times of other roles'
+        sessions: a DDL would go unseen and a lock holder's age unknown, so the check says it cannot
+        check rather than pass (superusers have the role's privileges too)."""
+        if self._all_stats is None:
+            (self._all_stats,) = self.ctx.query_one(ALL_STATS_SQL)
+        if self._all_stats:
+            return None
+        return cannot_check(name, "other roles' sessions are hidden from this role", GRANT.format(user=self.user))
 
     def close(self) -> None:
         try:

@@ -13,7 +13,7 @@ other roles' walsenders only to pg_read_all_stats (part of pg_monitor).
 
 from __future__ import annotations
 
-from migexport.checks.preflight_common import GRANT, Session, fmt_age, fmt_bytes
+from migexport.checks.preflight_common import Session, fmt_age, fmt_bytes
 from migexport.checks.result import CheckResult, Status, cannot_check
 
 STANDBYS_SQL = """
@@ -44,9 +44,9 @@ def check_standbys(session: Session) -> list[CheckResult]:
     config = session.config
     if session.server.in_recovery:
         return [cannot_check(STANDBYS, "the migration's target is a standby", "set migration.target to the primary")]
+    if (hidden := session.hidden(STANDBYS)) is not None:
+        return [hidden]
     rows = session.ctx.query(STANDBYS_SQL)
-    if rows and all(state == "" for _, state, _, _ in rows):
-        return [cannot_check(STANDBYS, "walsender details hidden", GRANT.format(user=session.user))]
     watch = config.thresholds.replication_lag_watch_seconds
     streaming = {name: _lag(b, s) for name, state, b, s in rows if state == "streaming"}
     named = config.preflight.standbys
