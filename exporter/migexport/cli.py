@@ -461,17 +461,17 @@ def preflight(config_path: str | None, output_format: str, fast: bool) -> None:
     if config is None:
         raise UserError("preflight needs --config FILE (targets, the migration, its thresholds)")
     report = run_preflight(config, fast=fast)
-    checks_file = config.resolve(config.migration.checks_file)
-    try:
-        write_report(checks_file, report)
-    except OSError as exc:
-        raise UserError(f"cannot write {checks_file}: {exc.strerror or exc}") from None
     if output_format == "json":
         click.echo(render_json(report), nl=False)
     else:
         click.echo(redact(render_table(report.checks)))
         failed = [c.check for c in report.checks if c.status.name == "FAIL"]
         click.echo(f"\nNO-GO: {', '.join(dict.fromkeys(failed))} failed" if failed else "\nGO: nothing failed")
+    checks_file = config.resolve(config.migration.checks_file)
+    try:  # after printing: the user sees the result even when it cannot be saved
+        write_report(checks_file, report)
+    except OSError as exc:
+        raise UserError(f"cannot write {checks_file}: {exc.strerror or exc}") from None
     sys.exit(0 if report.ok else 1)
 
 
