@@ -121,7 +121,14 @@ def preflight(config_path: Path, **kw: Any) -> Report:
 
 
 def test_no_archiving_is_pitr_fail_and_exit_1(pg, tmp_path):
-    config = write_config(tmp_path, {"primary": monitor_dsn(pg.primary)})
+    # --fast leaves out the backup command and the lint, whatever they would say.
+    (tmp_path / "m.sql").write_text("CREATE INDEX orders_note ON orders (note);\n")
+    config = write_config(
+        tmp_path,
+        {"primary": monitor_dsn(pg.primary)},
+        migration={"sql_files": ["m.sql"]},
+        preflight={"backup_command": "exit 1"},
+    )
     write_baseline(tmp_path, {"primary": 100.0})
     proc = run_cli("preflight", "-c", str(config), "--format", "json", "--fast", timeout=60)
     assert proc.returncode == 1, proc.stderr
@@ -131,6 +138,7 @@ def test_no_archiving_is_pitr_fail_and_exit_1(pg, tmp_path):
     assert "archive_mode off" in by["pitr"]["value"]
     assert by["archiver"]["status"] == "WARN"
     assert report["ok"] is False
+    assert "backup" not in by and "sql_lint" not in by
     # The checks file serve exports holds the same report.
     saved = read_checks(tmp_path / "checks.json")["preflight"]
     assert saved["ok"] is False and saved["checks"] == report["checks"]
@@ -153,11 +161,15 @@ def test_healthy_setup_is_go_exit_0(archiving, tmp_path):
         timeout=90,
         what="the archiver to succeed",
     )
-    (tmp_path / "rollback.sql").write_text("ALTER TABLE orders DROP COLUMN IF EXISTS extra;\n")
+    (tmp_path / "rollback.sql").write_text("DROP INDEX CONCURRENTLY IF EXISTS orders_note_idx;\n")
+    (tmp_path / "migration.sql").write_text(
+        "SET lock_timeout = '1s';\nSET statement_timeout = '60s';\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_note_idx ON orders (note);\n"
+    )
     config = write_config(
         tmp_path,
         {"primary": monitor_dsn(archiving)},
-        migration={"affected_tables": ["orders"], "rollback_file": "rollback.sql"},
+        migration={"affected_tables": ["orders"], "rollback_file": "rollback.sql", "sql_files": ["migration.sql"]},
         preflight={"backup_command": "date -Iseconds", "backup_max_age": "1h"},
     )
     write_baseline(tmp_path, {"primary": 100.0})
@@ -166,7 +178,17 @@ def test_healthy_setup_is_go_exit_0(archiving, tmp_path):
     assert "GO: nothing failed" in proc.stdout
     saved = read_checks(tmp_path / "checks.json")["preflight"]
     by = {c["check"]: c for c in saved["checks"]}
-    for name in ("pitr", "archiver", "archive_backlog", "backup", "baseline", "replication", "traffic", "rollback"):
+    for name in (
+        "pitr",
+        "archiver",
+        "archive_backlog",
+        "backup",
+        "baseline",
+        "replication",
+        "traffic",
+        "rollback",
+        "sql_lint",
+    ):
         assert by[name]["status"] == "PASS", by[name]
     assert by["table_size"]["table"] == "orders" and "~1,000 rows" in by["table_size"]["value"]
     # pg_monitor was enough for every check.
