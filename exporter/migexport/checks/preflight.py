@@ -119,8 +119,13 @@ def _database_checks(config: Config, baseline: Baseline | None, window: float, f
         return out + ([] if fast else preflight_backup.check_backup(config))
     try:
         started: list[preflight_traffic.Reading] = []
+
+        def open_window(s: Session) -> list[CheckResult]:
+            started.append(preflight_traffic.read(s))
+            return []
+
         # The traffic window opens first and closes last, so the other checks run inside it.
-        checks = guarded(("traffic",), session, lambda s: started.append(preflight_traffic.read(s)) or [])
+        checks = guarded(("traffic",), session, open_window)
         for names, check in DATABASE_CHECKS:
             checks += guarded(names, session, check)
         if not fast:
