@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,14 +395,37 @@ def test_primary_preloads_pg_stat_statements_and_replica_streams() -> None:
     assert "pg_create_physical_replication_slot('replica1')" in (DEPLOY / "initdb" / "sql" / "roles.sql").read_text()
 
 
+ARCHIVE_IN_IMAGE = "/var/lib/postgresql/archive"
+
+
+def archive_settings(archive: Path) -> dict[str, str]:
+    """The compose primary's WAL archiving (its `-c` arguments), into `archive` instead of the container."""
+    command = services()["primary"]["command"]
+    out = {}
+    for pair in (command[i + 1] for i, arg in enumerate(command) if arg == "-c"):
+        key, _, value = pair.partition("=")
+        if key.startswith("archive_"):
+            out[key] = "'" + value.replace(ARCHIVE_IN_IMAGE, str(archive)).replace("'", "''") + "'"
+    assert set(out) == {"archive_mode", "archive_command"}, command
+    return out
+
+
 @pytest.fixture(scope="module")
 def fresh_pg():
     try:
         localpg.find_bindir()
     except localpg.LocalPgError as exc:
         pytest.fail(str(exc), pytrace=False)
-    with localpg.local_setup(replicas=0, prefix="migexport-compose-") as setup:
-        yield setup.primary
+    # Outside pytest's root-only temp directories: the server user writes the archive.
+    archive = Path(tempfile.mkdtemp(prefix="migexport-compose-archive-"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(archive, user=localpg.SUPERUSER)
+        settings = archive_settings(archive)
+        with localpg.local_setup(replicas=0, prefix="migexport-compose-", settings=settings) as setup:
+            yield setup.primary
+    finally:
+        shutil.rmtree(archive, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -620,6 +644,7 @@ def test_the_stack_without_containers(stack_primary: tuple, stack_replica: Stack
     volume = next(t for s, t, _ in mounts(services()["migexport"]) if s == STATE_VOLUME)
     text = text.replace(volume + "/", f"{tmp_path}/state/").replace("http://app:8080/", f"http://127.0.0.1:{app_port}/")
     text = text.replace('listen: ":9745"', f'listen: "127.0.0.1:{listen_port}"')
+    text = text.replace("/migrations/", f"{DEPLOY}/migrations/")
     (tmp_path / "state").mkdir()
     config_path = tmp_path / "migexport.yml"
     config_path.write_text(text)
@@ -658,6 +683,19 @@ def test_the_stack_without_containers(stack_primary: tuple, stack_replica: Stack
 
         wait_for(ready, timeout=60, what="serve to see both targets, the probes and the app")
 
+        # An earlier test applied the demo migration to this primary: its rollback file undoes it, so the
+        # migration below adds what verify.expect says it adds.
+        rollback = DEPLOY / "migrations" / "001_add_orders_status.rollback.sql"
+        password = {"PGPASSWORD": files["migration_password"].read_text().strip()}
+        psql(cluster, "-f", str(rollback), user="migration", env=password)
+        # As the README has it: the baseline first (short here), timed by the running exporter.
+        baseline = subprocess.run(
+            [migexport, "baseline", "-c", str(config_path), "--duration", "5s", "--exporter-url", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert baseline.returncode == 0, baseline.stdout + baseline.stderr
         migrate = services()["migrate"]
         command = list(migrate["command"])
         assert command[:3] == ["run", "-c", CONFIG_IN_CONTAINER]
@@ -678,3 +716,9 @@ def test_the_stack_without_containers(stack_primary: tuple, stack_replica: Stack
         assert value(m, "migexport_migration_end_timestamp_seconds", **mig) > 0
         assert value(m, "migexport_migration_watch_active", **mig) == 1
         assert "Migration started at" in Path(config.migration.log_file).read_text()
+        # `run` checked before (go: WAL archived, the baseline, the replica streaming, the rollback file)
+        # and verified after: the intended column and index, the backfill complete.
+        state = json.loads(Path(config.migration.state_file).read_text())
+        assert state["preflight"]["result"] == "go", (state["preflight"], proc.stdout)
+        assert state["verify"]["result"] == "passed", (state["verify"], proc.stdout)
+        assert state["verify"]["integrity"] == "1/1"

@@ -296,12 +296,12 @@ class Around:
 def _summary(report: Report, good: str, bad: str) -> dict[str, Any]:
     failed = [c.check + (f"({c.table})" if c.table else "") for c in report.checks if c.status is Status.FAIL]
     warned = [c.check + (f"({c.table})" if c.table else "") for c in report.checks if c.status is Status.WARN]
-    out: dict[str, Any] = {
-        "result": good if report.ok else bad,
-        "at": int(report.at),
-        "failed": _clip(", ".join(failed)),
-        "warned": _clip(", ".join(warned)),
-    }
+    out: dict[str, Any] = {"result": good if report.ok else bad, "at": int(report.at)}
+    # Only non-empty texts: the state reader refuses empty strings.
+    if failed:
+        out["failed"] = _clip(", ".join(failed))
+    if warned:
+        out["warned"] = _clip(", ".join(warned))
     if report.integrity_total:
         out["integrity"] = f"{report.integrity_passed}/{report.integrity_total}"
     return out
@@ -511,7 +511,7 @@ class _Run:
             report = verify()
         except Exception as exc:  # the migration is done: say the verification is missing, keep its code
             self.say_warning(f"verify could not run: {redact(str(exc))[:MAX_RECORDED_TEXT]}")
-            self.writer.amend(verify={"result": "error", "at": int(time.time()), "failed": "", "warned": ""})
+            self.writer.amend(verify={"result": "error", "at": int(time.time())})
             return 0
         self.say(f"Verify at {_stamp(report.at)}:\n{render_table(report.checks)}")
         self.echo(f"Verify at {_stamp(report.at)}:\n{render_table(report.checks)}\n")
@@ -519,7 +519,7 @@ class _Run:
         self.writer.amend(verify=summary)
         if report.ok:
             return 0
-        self.say(f"verify: FAILED ({summary['failed']}): exit code {EXIT_VERIFY_FAILED}", stderr=True)
+        self.say(f"verify: FAILED ({summary.get('failed', '')}): exit code {EXIT_VERIFY_FAILED}", stderr=True)
         return EXIT_VERIFY_FAILED
 
     def execute(self, previous: str | None, snapshot_note: str | None = None) -> int:
@@ -579,10 +579,9 @@ def _preflight(around: Around, log: TextIO, echo: Callable[[str], None]) -> dict
     _log_lines(log, echo, f"Preflight at {_stamp(report.at)}:\n{render_table(report.checks)}")
     summary = _summary(report, "go", "no-go")
     if not report.ok:
-        _log_lines(log, echo, f"preflight: no-go (FAIL: {summary['failed']}): the command was not started")
-        raise RunError(
-            f"preflight: no-go (FAIL: {summary['failed']}); fix them, or run with --skip-preflight", EXIT_NO_GO
-        )
+        failed = summary.get("failed", "")
+        _log_lines(log, echo, f"preflight: no-go (FAIL: {failed}): the command was not started")
+        raise RunError(f"preflight: no-go (FAIL: {failed}); fix them, or run with --skip-preflight", EXIT_NO_GO)
     return summary
 
 
