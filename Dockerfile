@@ -10,7 +10,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
-RUN pip install --no-cache-dir . && rm -rf /src
+# The lint extra: squawk, which `migexport preflight` runs on migration.sql_files.
+RUN pip install --no-cache-dir ".[lint]" && rm -rf /src
 
 # Non-root. /var/lib/migexport holds the state, log and baseline files: a named volume mounted there
 # starts with this ownership, so `serve` and `run` (same user) share it.

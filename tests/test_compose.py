@@ -374,7 +374,7 @@ def test_services_run_as_non_root() -> None:
     assert f'CMD ["serve", "-c", "{CONFIG_IN_CONTAINER}"]' in dockerfile
     assert re.search(r"^EXPOSE 9745$", dockerfile, re.M)
     assert re.search(r"^HEALTHCHECK .*\n?.*/metrics", dockerfile, re.M)
-    assert "pip install" in dockerfile and " ." in dockerfile
+    assert "pip install" in dockerfile and ' ".[lint]"' in dockerfile  # the package, with squawk for preflight
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", ".pytest_cache", ".ruff_cache"} <= set(ignored)
     # The image's health check is the exporter's: the other services of the image turn it off.
