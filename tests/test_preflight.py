@@ -144,6 +144,22 @@ def test_no_archiving_is_pitr_fail_and_exit_1(pg, tmp_path):
     assert saved["ok"] is False and saved["checks"] == report["checks"]
 
 
+def test_squawk_findings_appear_in_the_full_preflight(pg, tmp_path):
+    """Without --fast the migration file is linted: CREATE INDEX without CONCURRENTLY is a finding at its
+    line, the missing lock_timeout a FAIL; the table names the rule, the file and the line."""
+    sql = tmp_path / "m.sql"
+    sql.write_text("-- the report's index\nCREATE INDEX orders_note ON orders (note);\n")
+    config = write_config(tmp_path, {"primary": monitor_dsn(pg.primary)}, migration={"sql_files": ["m.sql"]})
+    write_baseline(tmp_path, {"primary": 100.0})
+    proc = run_cli("preflight", "-c", str(config), timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lint = [line for line in proc.stdout.splitlines() if "sql_lint" in line]
+    assert any(line.startswith("WARN") and f"require-concurrent-index-creation at {sql}:2" in line for line in lint), (
+        proc.stdout
+    )
+    assert any(line.startswith("FAIL") and "require-lock-timeout" in line for line in lint), proc.stdout
+
+
 def test_failing_archive_command_is_archiver_fail(archiving, tmp_path):
     before = set_archive_command(archiving, "false")
     wait_for(lambda: archiver_counts(archiving)[1] > before[1], timeout=30, what="the archive command to fail")
