@@ -475,6 +475,88 @@ def preflight(config_path: str | None, output_format: str, fast: bool) -> None:
     sys.exit(0 if report.ok else 1)
 
 
+# -- snapshot / verify (issue 10): the affected tables before the migration, compared after it ------
+@cli.command()
+@CONFIG_OPTION
+@click.option("--force", is_flag=True, help="Replace a snapshot of another migration id.")
+def snapshot(config_path: str | None, force: bool) -> None:
+    """Record the affected tables before the migration (schema, validity, relfilenode, statistics, the
+    invariants and frozen-table checksums) in migration.snapshot_file, for 'verify' to compare.
+
+    Exit 0 written, 1 the database could not be read, 2 bad input.
+    """
+    from migexport.checks.snapshot import SnapshotError, take_snapshot, write_snapshot
+
+    config = _load_config(config_path)
+    if config is None:
+        raise UserError("snapshot needs --config FILE (the migration's target and affected tables)")
+    try:
+        doc = take_snapshot(config)
+    except SnapshotError as exc:
+        click.echo(f"migexport: error: {redact(str(exc))}", err=True)
+        sys.exit(1)
+    try:
+        path = write_snapshot(config, doc, force=force)
+    except SnapshotError as exc:
+        raise UserError(str(exc)) from None
+    tables = doc["tables"]
+    found = sum(1 for t in tables.values() if t.get("found"))
+    click.echo(f"snapshot of migration {doc['migration_id']} written to {path}: {found} of {len(tables)} tables")
+    for problem in [doc.get("integrity_error", ""), *_integrity_errors(doc)]:
+        if problem:
+            click.echo(f"migexport: warning: {redact(problem)}", err=True)
+
+
+def _integrity_errors(doc: dict) -> list[str]:
+    integrity = doc.get("integrity", {})
+    return [
+        f"{kind} {name}: {entry['error']}"
+        for kind in ("invariants", "frozen")
+        for name, entry in integrity.get(kind, {}).items()
+        if "error" in entry
+    ]
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def verify(config_path: str | None, output_format: str) -> None:
+    """After the migration: schema changes against verify.expect, invalid indexes, NOT VALID
+    constraints, rewrites and stale statistics, invariants and frozen-table checksums, compared with
+    the snapshot. Without a snapshot, only the checks that need none run (and it says which it skipped).
+
+    Exit 0 verified, 1 failed (or the migration target could not be read), 2 bad input. The result is
+    also written to migration.checks_file, which 'serve' exports.
+    """
+    from migexport.checks.result import render_json, render_table, write_report
+    from migexport.checks.snapshot import SnapshotError, read_snapshot
+    from migexport.checks.verify import run_verify, verified
+
+    config = _load_config(config_path)
+    if config is None:
+        raise UserError("verify needs --config FILE (the migration's target, affected tables and verify section)")
+    try:
+        before = read_snapshot(config)
+    except SnapshotError as exc:
+        raise UserError(str(exc)) from None
+    report = run_verify(config, before)
+    checks_file = config.resolve(config.migration.checks_file)
+    try:
+        write_report(checks_file, report)
+    except OSError as exc:
+        raise UserError(f"cannot write {checks_file}: {exc.strerror or exc}") from None
+    ok = verified(report)
+    if output_format == "json":
+        click.echo(render_json(report), nl=False)
+    else:
+        click.echo(redact(render_table(report.checks)))
+        integrity = f"data integrity {report.integrity_passed}/{report.integrity_total}"
+        failed = [c.check for c in report.checks if c.status.name == "FAIL"]
+        verdict = f"FAILED: {', '.join(dict.fromkeys(failed))}" if failed else "VERIFIED" if ok else "NOT VERIFIED"
+        click.echo(f"\n{verdict} ({integrity})")
+    sys.exit(0 if ok else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, exit 2 for usage errors, 1 for anything unexpected."""
     try:

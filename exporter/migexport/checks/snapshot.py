@@ -226,10 +226,13 @@ def server_now(conn: psycopg.Connection) -> tuple[float, bool]:
 
 
 def primary_lsn(conn: psycopg.Connection, integrity_on_other_target: bool) -> str | None:
-    """The primary's WAL position now, for a replica that runs the integrity reads to catch up to."""
+    """The primary's WAL position now, for a replica that runs the integrity reads to catch up to.
+
+    The insert position, not pg_current_wal_lsn() (the write position): with synchronous_commit off a
+    commit returns before its WAL is written, and the replica would be waited for up to an older point."""
     if not integrity_on_other_target or conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
         return None
-    return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    return conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
 
 
 def read_now(
