@@ -430,3 +430,13 @@ def test_bad_input_is_one_line_exit_2_and_no_password(app, tmp_path):
     assert "data integrity 0/0" in done.stdout
     assert done.returncode == 0, done.stdout + done.stderr  # nothing failed; nothing counted either
     assert secret not in config.resolve(config.migration.checks_file).read_text()
+
+    # The migration target down: snapshot exits 1, verify exits 1 "not verified", both in one line.
+    (tmp_path / "down").mkdir()
+    down = write_config(tmp_path / "down", app, ["bi"])
+    down.path.write_text(down.path.read_text().replace(f"port={app.primary.port} ", "port=1 ", 1))
+    failed = run_cli("snapshot", "-c", str(down.path))
+    assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert "cannot read the affected tables on primary" in failed.stderr
+    failed = run_cli("verify", "-c", str(down.path))
+    assert failed.returncode == 1 and "schema_read" in failed.stdout and "NOT VERIFIED" in failed.stdout

@@ -23,13 +23,14 @@ The file (`migration.snapshot_file`, JSON, written atomically):
      "target": "primary", "server_time": 1764000000.0,
      "tables": {"orders": {"found": true, "oid": 16384, "name": "public.orders", "relkind": "r",
                 "relfilenode": 16384, "reltuples": 1000.0, "last_analyze": 1763990000.0 | null,
-                "columns": {"id": {"type": "integer", "not_null": true, "default": null,
-                                   "fingerprint": "..."}},
+                "columns": {"id": {"type": "integer", "not_null": true, "kind": "identity:a",
+                                   "default": null, "fingerprint": "..."}},
                 "indexes": {"orders_pkey": {"definition": "CREATE UNIQUE INDEX ...", "valid": true,
                                             "ready": true, "fingerprint": "..."}},
                 "constraints": {"orders_pkey": {"definition": "PRIMARY KEY (id)", "type": "p",
                                                 "validated": true, "fingerprint": "..."}}},
                 "missing": {"found": false}},
+     "integrity_error": "..." (instead of "integrity", when its session could not be opened),
      "integrity": {"target": "replica1",
                    "invariants": {"closed_total": {"value": "12345"} | {"error": "..."}},
                    "frozen": {"invoices_2023": {"key": "id", "key_type": "integer",
@@ -70,7 +71,8 @@ WHERE c.oid = to_regclass(%s)
 COLUMNS_SQL = f"""
 SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
        concat_ws(' ', 'generated:' || nullif(a.attgenerated::text, ''),
-                 'identity:' || nullif(a.attidentity::text, ''), {_STRIP.format("d.adbin")})
+                 'identity:' || nullif(a.attidentity::text, '')),
+       {_STRIP.format("d.adbin")}
 FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
@@ -174,10 +176,10 @@ def read_table(conn: psycopg.Connection, name: str, exclusive: set[int] | None =
     oid, nspname, relname, relkind, relfilenode, reltuples, last_analyze = row
     defs, missing = _definitions(conn, oid, oid in (exclusive or set()))
     columns = {}
-    for col, typ, notnull, fp in conn.execute(COLUMNS_SQL, (oid,)).fetchall():
+    for col, typ, notnull, kind, fp in conn.execute(COLUMNS_SQL, (oid,)).fetchall():
         # No default at all (an empty fingerprint): nothing was left unread.
-        default = defs.get(("columns", col), missing) if fp.strip() else None
-        columns[col] = {"type": typ, "not_null": notnull, "default": default or None, "fingerprint": fp}
+        default = defs.get(("columns", col), missing) if fp else None
+        columns[col] = {"type": typ, "not_null": notnull, "kind": kind, "default": default or None, "fingerprint": fp}
     indexes = {
         idx: {"definition": defs.get(("indexes", idx), missing), "valid": valid, "ready": ready, "fingerprint": fp}
         for idx, valid, ready, fp in conn.execute(INDEXES_SQL, (oid,)).fetchall()

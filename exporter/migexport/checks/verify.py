@@ -12,6 +12,7 @@ Without a snapshot, only what needs none runs: index validity, NOT VALID constra
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from migexport.checks import verify_schema as vs
@@ -23,7 +24,9 @@ from migexport.config import Config, FrozenTable, Invariant
 NO_SNAPSHOT_ADVICE = "run 'migexport snapshot -c FILE' before the migration ('migexport run' does)"
 
 
-def _schema_rows(config: Config, tables: dict[str, Any], before: dict[str, Any] | None, taken_at: float) -> list:
+def _schema_rows(
+    config: Config, tables: dict[str, Any], before: dict[str, Any] | None, taken_at: float
+) -> list[CheckResult]:
     rows: list[CheckResult] = []
     for name, after in tables.items():
         if before is not None:
@@ -49,16 +52,17 @@ def invariant_row(inv: Invariant, before: dict[str, Any] | None, after: dict[str
         if before is None or "error" in before:
             why = before["error"] if before else "no value in the snapshot"
             return cannot_check(check, f"before: {why}", NO_SNAPSHOT_ADVICE, name)
+        shown = {k: "NULL" if e["value"] is None else e["value"] for k, e in (("before", before), ("after", after))}
         if before["value"] == after["value"]:
-            return CheckResult(check, Status.PASS, f"{after['value']} (unchanged)", limit, "", name)
-        value = f"before {before['value']}, after {after['value']}"
+            return CheckResult(check, Status.PASS, f"{shown['after']} (unchanged)", limit, "", name)
+        value = f"before {shown['before']}, after {shown['after']}"
         return CheckResult(check, Status.FAIL, value, limit, "data changed that must not have: roll back", name)
     number = as_number(after["value"]) if after["value"] is not None else as_number("0")  # no row / NULL: none
     if number is None:
         return cannot_check(check, f"{after['value']!r} is not a number", "make the query return one number", name)
     limit = "0" if inv.expect == "zero" else f"at most {inv.value:g}"
-    bound = 0 if inv.expect == "zero" else inv.value
-    if number <= as_number(repr(bound)):
+    bound = Decimal(0) if inv.expect == "zero" else Decimal(str(inv.value))
+    if number <= bound:
         return CheckResult(check, Status.PASS, str(number), limit, "", name)
     return CheckResult(check, Status.FAIL, str(number), limit, "an invariant no longer holds: roll back", name)
 
@@ -106,7 +110,12 @@ def _skipped_row(config: Config) -> CheckResult:
     return cannot_check("snapshot", reason, NO_SNAPSHOT_ADVICE)
 
 
-def _integrity_rows(config: Config, now: dict[str, Any], before: dict[str, Any] | None, invariants, frozen) -> list:
+def _integrity_rows(
+    now: dict[str, Any],
+    before: dict[str, Any] | None,
+    invariants: tuple[Invariant, ...],
+    frozen: tuple[FrozenTable, ...],
+) -> list[CheckResult]:
     rows: list[CheckResult] = []
     if "integrity_error" in now:  # the whole session failed: each row says so, none counts
         rows += [invariant_row(i, None, {"error": now["integrity_error"]}) for i in invariants]
@@ -148,7 +157,7 @@ def run_verify(config: Config, snapshot: dict[str, Any] | None) -> Report:
     before = snapshot.get("tables", {}) if snapshot is not None else None
     taken_at = float(snapshot.get("server_time", 0.0)) if snapshot is not None else 0.0
     report.checks += _schema_rows(config, now["tables"], before, taken_at)
-    integrity = _integrity_rows(config, now, snapshot, invariants, frozen)
+    integrity = _integrity_rows(now, snapshot, invariants, frozen)
     report.checks += integrity
     answered = [c for c in integrity if not c.value.startswith("cannot check")]
     report.integrity_total = len(answered)

@@ -42,9 +42,20 @@ def _column_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         parts.append(f"type {old['type']} -> {new['type']}")
     if old["not_null"] != new["not_null"]:
         parts.append("NOT NULL " + ("added" if new["not_null"] else "dropped"))
-    if old["fingerprint"] != new["fingerprint"]:
+    if old.get("kind", "") != new.get("kind", ""):
+        parts.append(f"{old.get('kind') or 'plain'} -> {new.get('kind') or 'plain'}")
+    if _default_changed(old, new):
         parts.append(f"default {old['default'] or 'none'} -> {new['default'] or 'none'}")
     return ", ".join(parts)
+
+
+def _default_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """By the readable definitions when both were read (a type change re-casts the stored default
+    without changing it); by the lock-free fingerprints otherwise."""
+    readable = [d for d in (old["default"], new["default"]) if d is not None and not d.startswith("(not read")]
+    if len(readable) == 2:
+        return readable[0] != readable[1]
+    return old["fingerprint"] != new["fingerprint"]
 
 
 def diff_table(before: dict[str, Any], after: dict[str, Any]) -> Diff:
