@@ -440,3 +440,23 @@ def test_bad_input_is_one_line_exit_2_and_no_password(app, tmp_path):
     assert "cannot read the affected tables on primary" in failed.stderr
     failed = run_cli("verify", "-c", str(down.path))
     assert failed.returncode == 1 and "schema_read" in failed.stdout and "NOT VERIFIED" in failed.stdout
+
+
+def test_frozen_checksum_of_a_text_key_uses_quantiles_and_a_reindex_leftover_is_flagged(app, tmp_path):
+    sql(
+        app,
+        "DROP TABLE IF EXISTS codes",
+        "CREATE TABLE codes (code text PRIMARY KEY, label text)",
+        "INSERT INTO codes SELECT 'c' || lpad(g::text, 4, '0'), 'l' || g FROM generate_series(1, 300) g",
+    )
+    frozen = {"table": "codes", "columns": ["code", "label"], "key": "code", "segments": 3}
+    config = write_config(tmp_path, app, ["codes"], {"frozen_tables": [frozen]})
+    doc = snapshot(config)
+    assert doc["integrity"]["frozen"]["codes"]["thresholds"] == ["c0100", "c0200"]
+    # What a failed REINDEX CONCURRENTLY leaves behind, by its name.
+    sql(app, "UPDATE codes SET label = 'changed' WHERE code = 'c0150'", "CREATE INDEX codes_pkey_ccnew ON codes (code)")
+    report = verify(config)
+    checksum = row(report, "frozen_checksum", "codes")
+    assert checksum.status is Status.FAIL and checksum.value == "c0100 <= key < c0200: 100 rows, contents changed"
+    leftover = row(report, "index_validity", "codes")
+    assert leftover.status is Status.FAIL and "codes_pkey_ccnew (REINDEX CONCURRENTLY leftover)" in leftover.value
