@@ -136,7 +136,8 @@ def index_check(table: str, after: dict[str, Any]) -> CheckResult:
         elif LEFTOVER.search(name):
             bad.append(f"{name} (REINDEX CONCURRENTLY leftover)")
     if not bad:
-        return CheckResult(check, Status.PASS, f"{len(after.get('indexes', {}))} indexes valid", limit, "", table)
+        n = len(after.get("indexes", {}))
+        return CheckResult(check, Status.PASS, f"{n} index{'es' if n != 1 else ''} valid", limit, "", table)
     advice = (
         "a failed CREATE INDEX / REINDEX CONCURRENTLY left these behind and they still slow every write: "
         "DROP INDEX CONCURRENTLY each, then create it again CONCURRENTLY (or REINDEX INDEX CONCURRENTLY)"
