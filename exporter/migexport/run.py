@@ -506,13 +506,14 @@ class _Run:
         return code
 
     def verify(self, verify: Callable[[], Report]) -> int:
-        """After a command that succeeded: verify, log the table, amend the state; 3 when it failed."""
+        """After a command that succeeded: verify, log the table, amend the state; 3 when it failed or
+        could not run."""
         try:
             report = verify()
-        except Exception as exc:  # the migration is done: say the verification is missing, keep its code
-            self.say_warning(f"verify could not run: {redact(str(exc))[:MAX_RECORDED_TEXT]}")
+        except Exception as exc:  # the migration is done but nothing vouches for it: say so, exit 3
+            self.say(f"verify could not run: {redact(str(exc))[:MAX_RECORDED_TEXT]}", stderr=True)
             self.writer.amend(verify={"result": "error", "at": int(time.time())})
-            return 0
+            return EXIT_VERIFY_FAILED
         self.say(f"Verify at {_stamp(report.at)}:\n{render_table(report.checks)}")
         self.echo(f"Verify at {_stamp(report.at)}:\n{render_table(report.checks)}\n")
         summary = _summary(report, "passed", "failed")

@@ -39,6 +39,9 @@ def around_run(config: Config, migration_id: str, *, skip_preflight: bool, no_ve
     def verify() -> Report:
         report = run_verify(config, read_snapshot(config))
         write_report(checks_file, report)
+        unread = [c.value for c in report.checks if c.check == "schema_read"]
+        if unread:  # the migration target could not be read: nothing was verified
+            raise RuntimeError(f"the migration target could not be read: {unread[0]}")
         return report
 
     return Around(
