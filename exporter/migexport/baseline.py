@@ -15,7 +15,12 @@ Every value is the estimator the live side uses, so that a migration compares li
   consecutive probes as long as the live rate window holds (thresholds.rate_window / the probe's interval);
 - statements: calls, mean and standard deviation of latency over the window, from the deltas of the
   pg_stat_statements sums (calls, time, squared time), so a rule can weigh a change against its noise;
-- transactions: commits + rollbacks in the window (the error ratio's n), our own excluded.
+- transactions: commits + rollbacks in the window (the error ratio's n), our own excluded;
+- top statements (for the report's "what got slower", never a metric): per target, the statements of
+  pg_stat_statements that took the most time in the window (read at its start and end, see
+  topstatements.window_entries), each with its calls, mean (the window's delta; the cumulative mean,
+  flagged, for one that did not run in it), the counters at the end for a later comparison, and its
+  normalised text.
 
 A baseline with holes disarms the alerts that need the missing values, silently. So an unreachable
 target or a probe that never succeeds fails the capture (BaselineIncomplete: nothing is written),
@@ -52,6 +57,16 @@ from migexport.metrics import MetricSpec, Sample
 from migexport.own import FLUSH_MIN_VERSION, FLUSH_SQL
 from migexport.probes import PROBE_BUCKETS, ProbeResult, cumulative_buckets, fix_hint, probe_quantile, run_probe
 from migexport.targets import SERVER_SQL, SessionSettings, connect
+from migexport.topstatements import (
+    TOP_STATEMENTS,
+    Key,
+    Reading,
+    Unavailable,
+    read_counters,
+    read_texts,
+    snapshot_doc,
+    window_entries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +155,11 @@ class _TargetSampler:
     queries_at_start: int = 0
     start: _Counters | None = None
     end: _Counters | None = None
+    excluded_roles: tuple[str, ...] = ()
+    top_start: Reading | None = None
+    top_end: Reading | None = None
+    top_problem: str | None = None
+    failed_queries: int = 0  # ours in the window that failed: rollbacks, not commits
 
     def query_count(self) -> int:
         return self.ctx.queries
@@ -162,6 +182,38 @@ class _TargetSampler:
             exec_seconds=value_of(st, statements.EXEC_SECONDS) if available else None,
             exec_seconds_squared=value_of(st, squared) if available and squared is not None else None,
         )
+
+    def read_top(self, at_start: bool) -> Reading | None:
+        """Per-statement counters, or None and a note why not; never fails the capture."""
+        try:
+            return read_counters(self.ctx, self.excluded_roles)
+        except Unavailable as exc:
+            self.failed_queries += int(at_start and exc.failed_query)
+            self.top_problem = str(exc)
+        except psycopg.Error as exc:
+            self.failed_queries += int(at_start)
+            self.top_problem = f"reading pg_stat_statements failed: {_first_line(exc)}"
+        return None
+
+    def top_statements(self, limit: int, missing: list[str]) -> dict[str, Any] | None:
+        """The window's top statements with their texts (read now, once, for these only)."""
+        if self.top_end is None:
+            missing.append(f"{self.name}: no statement snapshot: {self.top_problem or 'not taken'}")
+            return None
+        if self.top_start is None:
+            missing.append(f"{self.name}: statement snapshot without a start reading: cumulative means only")
+        texts: dict[Key, tuple[str, bool]] = {}
+        try:
+            kept = window_entries(self.top_start, self.top_end, limit)
+            texts = read_texts(self.ctx, self.top_end, [key for key, _, _ in kept])
+        except psycopg.Error as exc:  # a huge text file can outlast statement_timeout: keep the numbers
+            missing.append(f"{self.name}: statement texts not captured: {_first_line(exc)}")
+        if self.top_end.hidden:
+            missing.append(
+                f"{self.name}: {self.top_end.hidden} statements of other roles not identifiable: the role needs "
+                "pg_read_all_stats (pg_monitor) for the statement snapshot"
+            )
+        return snapshot_doc(self.top_start, self.top_end, texts, limit)
 
     def sample(self) -> None:
         conns = self.collectors["connections"].collect(self.ctx)
@@ -200,13 +252,20 @@ def _open_sampler(config: Config, target_name: str, session: SessionSettings) ->
     server = ServerInfo(version, in_recovery, database)
     collectors = {
         "transactions": transactions.TransactionsCollector(),
-        "statements": statements.StatementsCollector(),
+        "statements": statements.StatementsCollector((config.migration.role,)),
         "connections": connections.ConnectionsCollector(),
         "replication": replication.PrimaryReplicationCollector(),
         "standby": replication.StandbyReplicationCollector(),
         "size": size.SizeCollector(),
     }
-    return _TargetSampler(target_name, conn, server, Context(target_name, conn, server), collectors)
+    return _TargetSampler(
+        target_name,
+        conn,
+        server,
+        Context(target_name, conn, server),
+        collectors,
+        excluded_roles=(config.migration.role,),
+    )
 
 
 class BaselineIncomplete(BaselineError):
@@ -273,12 +332,14 @@ def capture(
     sample_interval_seconds: float | None = None,
     allow_partial: bool = False,
     exporter_url: str | None = None,
+    top_statements: int = TOP_STATEMENTS,
 ) -> dict[str, Any]:
     """Sample every target for `duration_seconds` and return the baseline document.
 
     Raises BaselineIncomplete, before the window when it can, if a target is not reachable or a probe
     never succeeds, unless `allow_partial` (then the document lists them under "failures"). With the
     URL of the exporter that will watch the migration, probe latency comes from its histograms.
+    `top_statements` bounds the per-target statement snapshot (0: none).
     """
     session = SessionSettings(
         application_name=f"{config.application_name}-baseline",
@@ -294,13 +355,16 @@ def capture(
             raise BaselineIncomplete(failures)
         histograms = ExporterHistograms(exporter_url) if exporter_url else None
         try:
-            window = _sample(samplers, duration_seconds, tick, progress, histograms)
+            window = _sample(samplers, duration_seconds, tick, progress, histograms, top_statements > 0)
         except psycopg.Error as exc:
             raise BaselineIncomplete([f"sampling failed: {_first_line(exc)}"]) from None
         failures = unreachable + _probe_failures(samplers, after_window=True)
         if failures and not allow_partial:
             raise BaselineIncomplete(failures)
         doc = _document(config, samplers, window, failures, histograms)
+        if top_statements > 0:
+            snapshots = {name: s.top_statements(top_statements, doc["missing"]) for name, s in samplers.items()}
+            doc["top_statements"] = {name: snap for name, snap in snapshots.items() if snap is not None}
     finally:
         for s in samplers.values():
             s.conn.close()
@@ -315,15 +379,18 @@ def _sample(
     tick: float,
     progress: Callable[[float], None],
     histograms: ExporterHistograms | None = None,
+    top: bool = False,
 ) -> float:
     """The window itself; returns its length in seconds. The exporter's histograms, when given, are
-    read at the start, at every tick and at the end."""
+    read at the start, at every tick and at the end; with `top`, the per-statement counters too."""
     # Probes run back to back at the sampling tick (not their serving interval), so that a short
     # window still gives enough runs for a median and a 95th percentile.
     for s in samplers.values():
         s.flush_own_stats()
         s.queries_at_start = s.query_count()
         s.start = s.read_counters()
+        if top:
+            s.top_start = s.read_top(at_start=True)
     if histograms is not None:
         histograms.take()
     started = time.monotonic()
@@ -344,8 +411,11 @@ def _sample(
         s.flush_own_stats()
         # Each of our autocommit queries since the start read is one committed transaction: the
         # start read itself (it commits after reading) and the flush included, the end read not.
-        s.own_commits += s.query_count() - s.queries_at_start
+        s.own_commits += s.query_count() - s.queries_at_start - s.failed_queries
+        s.own_rollbacks += s.failed_queries
         s.end = s.read_counters()
+        if top:
+            s.top_end = s.read_top(at_start=False)
     if histograms is not None and histograms.snapshots:
         histograms.take()
     return window
@@ -615,4 +685,7 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
         ]
     for key, v in (doc.get("slis") or {}).items():
         rows.append((f"sli {key}", _fmt(v)))
+    for name, snap in (doc.get("top_statements") or {}).items():
+        ran = sum(1 for e in snap["statements"] if e["mean_source"] == "window")
+        rows.append((f"{name} top statements", f"{len(snap['statements'])} kept, {ran} ran in the window"))
     return rows

@@ -9,12 +9,16 @@ What `read_baseline` returns holds only checked values, every known key present 
 
 Version 2: probe latencies are PromQL's histogram_quantile() over the probe buckets (version 1 had
 exact quantiles, which the live p95 cannot be compared with), and the document keeps those buckets.
+Optional in version 2: `top_statements`, the per-target statement snapshot for the report (files
+written before it have none: `Baseline.top_statements` is None). Its query texts are read as text of
+at most TEXT_MAX characters, never served: no metric is made from it.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Any
 
 from migexport import strictjson
 from migexport.state import write_atomic
+from migexport.topstatements import TEXT_MAX
 
 FORMAT = "migexport-baseline"
 VERSION = 2
@@ -30,6 +35,17 @@ VERSION = 2
 # `serve` must not read a gigabyte when someone points it at the wrong file.
 MAX_BASELINE_BYTES = 4 * 1024 * 1024
 MAX_TEXT = 200  # names and ids: they become label values
+MAX_TOP_STATEMENTS = 1000  # per target; the capture keeps 50 by default
+QUERYID = re.compile(r"-?[0-9]{1,19}")
+STATEMENT_NUMBERS = (
+    "calls",
+    "total_exec_seconds",
+    "rows",
+    "mean_exec_seconds",
+    "cumulative_calls",
+    "cumulative_total_exec_seconds",
+    "cumulative_rows",
+)
 
 TARGET_NUMBERS = (
     "server_version_num",
@@ -203,6 +219,111 @@ def _probe(c: _Check, raw: Any, where: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class BaselineStatement:
+    """One statement of a target's snapshot; counts of the window (None without a start reading)."""
+
+    queryid: int
+    userid: int
+    dbid: int
+    role: str
+    calls: float | None
+    total_exec_seconds: float | None
+    rows: float | None
+    mean_exec_seconds: float | None
+    mean_source: str  # "window": Δtotal/Δcalls of the window; "cumulative": it did not run in the window
+    cumulative_calls: float  # the counters at the end of the window: what a later reading is compared with
+    cumulative_total_exec_seconds: float
+    cumulative_rows: float
+    query: str | None
+    query_truncated: bool = False
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.queryid, self.userid, self.dbid)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        doc["queryid"] = str(self.queryid)
+        return doc
+
+
+@dataclass(frozen=True)
+class StatementSnapshot:
+    """A target's top statements over the baseline window (topstatements.snapshot_doc writes it)."""
+
+    database: str
+    window_start_at: float | None
+    captured_at: float
+    stats_reset: float | None
+    limit: int
+    hidden_statements: int
+    statements: tuple[BaselineStatement, ...]
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        doc["statements"] = [st.to_doc() for st in self.statements]
+        return doc
+
+
+def _statement(c: _Check, raw: Any, where: str) -> BaselineStatement:
+    if not isinstance(raw, dict):
+        raise c.bad(where, "must be an object")
+    queryid = raw.get("queryid")
+    if not isinstance(queryid, str) or not QUERYID.fullmatch(queryid) or not -(2**63) <= int(queryid) < 2**63:
+        raise c.bad(f"{where}.queryid", f"expected a 64-bit integer as text, got {_show(queryid)}")
+    n = {key: c.number(raw.get(key), f"{where}.{key}") for key in STATEMENT_NUMBERS}
+    ids = {key: c.number(raw.get(key), f"{where}.{key}", optional=False) for key in ("userid", "dbid")}
+    for key in ("cumulative_calls", "cumulative_total_exec_seconds", "cumulative_rows"):
+        if n[key] is None:
+            raise c.bad(f"{where}.{key}", "expected a non-negative number, got None")
+    if raw.get("mean_source") not in ("window", "cumulative"):
+        raise c.bad(f"{where}.mean_source", f"expected 'window' or 'cumulative', got {_show(raw.get('mean_source'))}")
+    query, cut = raw.get("query"), raw.get("query_truncated", False)
+    # A statement's text is one line (topstatements.clean_text), longer than a name but never a label.
+    if query is not None and (not isinstance(query, str) or len(query) > TEXT_MAX or not _printable(query)):
+        raise c.bad(f"{where}.query", f"expected one printable line of at most {TEXT_MAX} characters")
+    if not isinstance(cut, bool):
+        raise c.bad(f"{where}.query_truncated", f"expected true or false, got {_show(cut)}")
+    return BaselineStatement(
+        queryid=int(queryid),
+        userid=int(ids["userid"]),  # type: ignore[arg-type]
+        dbid=int(ids["dbid"]),  # type: ignore[arg-type]
+        role=c.text(raw.get("role"), f"{where}.role"),
+        mean_source=raw["mean_source"],
+        query=query,
+        query_truncated=cut,
+        **n,  # type: ignore[arg-type]
+    )
+
+
+def _snapshot(c: _Check, raw: Any, where: str) -> StatementSnapshot:
+    if not isinstance(raw, dict):
+        raise c.bad(where, "must be an object")
+    entries = raw.get("statements")
+    if not isinstance(entries, list) or len(entries) > MAX_TOP_STATEMENTS:
+        raise c.bad(f"{where}.statements", f"expected a list of at most {MAX_TOP_STATEMENTS} statements")
+    statements = tuple(_statement(c, e, f"{where}.statements[{i}]") for i, e in enumerate(entries))
+    if len({st.key for st in statements}) != len(statements):
+        raise c.bad(f"{where}.statements", "a statement (queryid, userid, dbid) is listed twice")
+    return StatementSnapshot(
+        database=c.text(raw.get("database"), f"{where}.database"),
+        window_start_at=c.number(raw.get("window_start_at"), f"{where}.window_start_at"),
+        captured_at=c.number(raw.get("captured_at"), f"{where}.captured_at", optional=False),  # type: ignore[arg-type]
+        stats_reset=c.number(raw.get("stats_reset"), f"{where}.stats_reset"),
+        limit=int(c.number(raw.get("limit"), f"{where}.limit", optional=False)),  # type: ignore[arg-type]
+        hidden_statements=int(c.number(raw.get("hidden_statements"), f"{where}.hidden_statements") or 0),
+        statements=statements,
+    )
+
+
+def _snapshots(c: _Check, raw: Any) -> dict[str, StatementSnapshot] | None:
+    """Absent in files written before the snapshot existed: None, which the report says in words."""
+    if raw is None:
+        return None
+    return {name: _snapshot(c, v, f"top_statements.{name}") for name, v in c.items(raw, "top_statements")}
+
+
+@dataclass(frozen=True)
 class Baseline:
     migration_id: str
     captured_at: float
@@ -212,6 +333,7 @@ class Baseline:
     slis: dict[str, float | None]
     missing: tuple[str, ...]
     failures: tuple[str, ...] = ()
+    top_statements: dict[str, StatementSnapshot] | None = None
 
     def doc(self) -> dict[str, Any]:
         """The checked document, every known key present: what `show-baseline` prints."""
@@ -226,6 +348,11 @@ class Baseline:
             "slis": self.slis,
             "missing": list(self.missing),
             "failures": list(self.failures),
+            "top_statements": (
+                None
+                if self.top_statements is None
+                else {name: snap.to_doc() for name, snap in self.top_statements.items()}
+            ),
         }
 
 
@@ -253,4 +380,5 @@ def read_baseline(path: Path) -> Baseline:
         slis=c.numbers(raw.get("slis"), "slis"),
         missing=tuple(c.lines(raw.get("missing"), "missing")),
         failures=tuple(c.lines(raw.get("failures"), "failures")),
+        top_statements=_snapshots(c, raw.get("top_statements")),
     )

@@ -1,0 +1,297 @@
+"""What got slower: the baseline's statement snapshot against a fresh one, on the real test clusters.
+
+One scenario for the module: `migexport serve` runs (a probe of its own on one of the workload's
+tables), a workload runs two statements as the application's role and a sleep as the migration's role,
+and the real `migexport baseline --duration 3s` captures it. Then the index of one statement's table
+is dropped (its mean goes from an index lookup to a scan of 100,000 rows) and the sleep gets longer;
+`slower_statements` must name the scan first, with its ratio, and neither the untouched statement, nor
+the migration role's sleep, nor anything the exporter ran. The text is in the baseline file and in no
+metric of the running exporter. Also: an old baseline without the snapshot, a reset of the entries,
+a role without pg_read_all_stats, a database without the extension, and a damaged snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from psycopg import sql
+
+from conftest import MONITOR_ROLE, monitor_dsn, running, wait_for
+from migexport.baseline_file import BaselineError, read_baseline
+from migexport.config import Config, load_config
+from migexport.localpg import free_port
+from migexport.report.slower import NO_SNAPSHOT, SlowerResult, slower_statements
+from migexport.topstatements import TEXT_MAX, clean_text
+from test_cli import migexport_argv, run_cli
+
+APP_ROLE, MIGRATION_ROLE, NOPRIV_ROLE = "slower_app", "slower_migration", "slower_nopriv"
+FAST_SQL = "SELECT v FROM fast_items WHERE id = %s"
+SLOW_SQL = "SELECT count(*) FROM slow_orders WHERE customer = %s"
+PROBE_SQL = "SELECT count(*) FROM fast_items"
+
+
+class Workload:
+    """The application (two statements) and, now and then, the migration's role (a sleep)."""
+
+    def __init__(self, pg, db: str) -> None:
+        self.app = pg.primary.connect(dbname=db, user=APP_ROLE, autocommit=True)
+        self.migration = pg.primary.connect(dbname=db, user=MIGRATION_ROLE, autocommit=True)
+        self.sleep = 0.001
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def burst(self, n: int) -> None:
+        for i in range(n):
+            self.app.execute(FAST_SQL, (random.randint(1, 10_000),))
+            self.app.execute(SLOW_SQL, (random.randint(1, 5_000),))
+            if i % 20 == 0:
+                self.migration.execute("SELECT pg_sleep(%s)", (self.sleep,))
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.burst(10)
+
+    def __enter__(self) -> Workload:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.app.close()
+        self.migration.close()
+
+
+@dataclass
+class Scenario:
+    db: str
+    config: Config
+    baseline_path: Path
+    result: SlowerResult
+    metrics_text: str
+
+
+def _setup_database(pg, db: str) -> None:
+    with pg.primary.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        for role in (APP_ROLE, MIGRATION_ROLE, NOPRIV_ROLE):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")  # left by an interrupted run
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+    with pg.primary.connect(dbname=db) as conn:
+        conn.execute("CREATE EXTENSION pg_stat_statements")
+        conn.execute("CREATE TABLE fast_items (id int PRIMARY KEY, v int)")
+        conn.execute("INSERT INTO fast_items SELECT g, g FROM generate_series(1, 10000) g")
+        conn.execute("CREATE TABLE slow_orders (id int, customer int, amount int)")
+        conn.execute("INSERT INTO slow_orders SELECT g, g % 5000, g FROM generate_series(1, 100000) g")
+        conn.execute("CREATE INDEX slow_orders_customer ON slow_orders (customer)")
+        conn.execute("VACUUM ANALYZE fast_items, slow_orders")
+        conn.execute(f"GRANT SELECT ON fast_items, slow_orders TO {APP_ROLE}")
+        conn.execute(f"GRANT SELECT ON fast_items TO {MONITOR_ROLE}")
+
+
+def _write_config(pg, db: str, tmp: Path, listen_port: int) -> Path:
+    path = tmp / "migexport.yml"
+    config = {
+        "listen": f"127.0.0.1:{listen_port}",
+        "targets": {"primary": monitor_dsn(pg.primary, db), "replica": monitor_dsn(pg.replicas[0], db)},
+        "baseline_file": "baseline.json",
+        "migration": {"id": "m1", "role": MIGRATION_ROLE, "state_file": "state.json"},
+        "probes": [{"name": "items", "target": "primary", "sql": PROBE_SQL, "interval": "200ms"}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+@pytest.fixture(scope="module")
+def scenario(pg, tmp_path_factory) -> Iterator[Scenario]:
+    db, tmp = f"slower_{uuid.uuid4().hex[:10]}", tmp_path_factory.mktemp("slower")
+    _setup_database(pg, db)
+    port = free_port()
+    config_path = _write_config(pg, db, tmp, port)
+    url = f"http://127.0.0.1:{port}"
+    serve = [*migexport_argv(), "serve", "-c", str(config_path)]
+    try:
+        with running(serve, tmp / "serve.log", url + "/metrics", "serve"), Workload(pg, db) as workload:
+            time.sleep(0.5)  # the workload's first calls (plans, caches) before the window
+            proc = run_cli("baseline", "-c", str(config_path), "--duration", "3s", timeout=60)
+            assert proc.returncode == 0, proc.stderr + proc.stdout
+            with pg.primary.connect(dbname=db) as conn:
+                conn.execute("DROP INDEX slow_orders_customer")
+            workload.sleep = 0.02  # slower, but the migration's own: never listed
+            time.sleep(2.0)
+            config = load_config(config_path)
+            result = slower_statements(config, read_baseline(tmp / "baseline.json"))
+            wait_for(lambda: 'migexport_baseline_loaded{migration_id="m1"} 1' in _metrics(url), what="baseline served")
+            text = _metrics(url)
+        yield Scenario(db, config, tmp / "baseline.json", result, text)
+    finally:
+        with pg.primary.connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+            for role in (APP_ROLE, MIGRATION_ROLE, NOPRIV_ROLE):
+                conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_the_slowed_statement_is_named_first_and_the_other_not_at_all(scenario):
+    result = scenario.result
+    assert result.available and result.compared["primary"] >= 2, result.to_dict()
+    first = result.slower[0]
+    assert first.target == "primary" and first.role == APP_ROLE
+    assert "slow_orders" in first.query and "$1" in first.query, first
+    assert first.ratio > 2 and first.mean_now_seconds > first.mean_baseline_seconds * 2
+    assert first.baseline_mean_source == "window" and first.mean_now_source == "since_baseline"
+    assert first.calls_baseline > 0 and first.calls_since > 0
+    assert not [s for s in result.slower if "fast_items" in (s.query or "")], result.to_dict()
+    as_json = json.loads(json.dumps(result.to_dict()))  # what a template or --format json gets
+    assert as_json["slower"][0]["queryid"] == str(first.queryid)
+    assert set(as_json) == {
+        "available",
+        "baseline_captured_at",
+        "taken_at",
+        "min_ratio",
+        "latency_floor_seconds",
+        "compared",
+        "slower",
+        "new",
+        "notes",
+    }
+    print(
+        f"slowed: x{first.ratio:.1f} ({first.mean_baseline_seconds * 1e3:.3f} -> {first.mean_now_seconds * 1e3:.3f} ms)"
+    )
+
+
+def test_the_baseline_holds_both_statements_with_window_means(scenario):
+    baseline = read_baseline(scenario.baseline_path)
+    snap = baseline.top_statements["primary"]
+    texts = {st.query: st for st in snap.statements}
+    fast = next(st for q, st in texts.items() if "fast_items" in q and "WHERE id" in q)
+    slow = next(st for q, st in texts.items() if "slow_orders" in q)
+    for st in (fast, slow):
+        assert st.role == APP_ROLE and st.mean_source == "window" and st.calls > 10
+        assert st.cumulative_calls >= st.calls and 0 < st.mean_exec_seconds < 0.01
+    assert snap.window_start_at < snap.captured_at and snap.limit == 50 and snap.hidden_statements == 0
+    assert "replica" in baseline.top_statements  # read there too (nothing ran on it)
+
+
+def test_neither_the_exporter_nor_the_migration_role_appears(pg, scenario):
+    with pg.primary.connect(dbname=scenario.db) as conn:  # they are there to be left out
+        there = conn.execute(
+            "SELECT DISTINCT pg_get_userbyid(userid), query FROM pg_stat_statements "
+            "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchall()
+    assert any(r == MONITOR_ROLE and PROBE_SQL in q for r, q in there), there
+    assert any(r == MIGRATION_ROLE and "pg_sleep" in q for r, q in there)
+    baseline = read_baseline(scenario.baseline_path)
+    listed = [st for snap in baseline.top_statements.values() for st in snap.statements]
+    listed += [*scenario.result.slower, *scenario.result.new]
+    assert listed
+    for st in listed:
+        assert st.role not in (MONITOR_ROLE, MIGRATION_ROLE), st
+        assert st.query is None or not any(
+            word in st.query for word in ("pg_sleep", "/* migexport", "pg_stat_statements(", PROBE_SQL)
+        ), st
+
+
+def test_the_text_is_in_the_baseline_file_and_in_no_metric(scenario):
+    assert "slow_orders" in scenario.baseline_path.read_text()
+    assert "migexport_baseline_loaded" in scenario.metrics_text
+    for word in ("slow_orders", "fast_items", "SELECT", "queryid"):
+        assert word not in scenario.metrics_text, word
+
+
+def test_an_old_baseline_without_the_snapshot_gives_the_note(scenario, tmp_path):
+    doc = json.loads(scenario.baseline_path.read_text())
+    del doc["top_statements"]  # as every file written before the snapshot existed
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = read_baseline(tmp_path / "old.json")
+    assert old.top_statements is None and old.targets == read_baseline(scenario.baseline_path).targets
+    result = slower_statements(scenario.config, old)
+    assert result.notes == [NO_SNAPSHOT] and not result.slower and not result.available
+    shown = run_cli("show-baseline", str(tmp_path / "old.json"))
+    assert shown.returncode == 0, shown.stderr
+
+
+def test_a_reset_falls_back_to_the_mean_since_the_reset(pg, scenario):
+    with pg.primary.connect(dbname=scenario.db) as conn:
+        dbid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+        # Only this database's entries: the rest of the cluster keeps its counters (no stats_reset either).
+        conn.execute("SELECT pg_stat_statements_reset(0, %s, 0)", (dbid,))
+    workload = Workload(pg, scenario.db)
+    try:
+        workload.burst(30)
+    finally:
+        workload.app.close()
+        workload.migration.close()
+    result = slower_statements(scenario.config, read_baseline(scenario.baseline_path))
+    first = result.slower[0]
+    assert "slow_orders" in first.query and first.ratio > 2
+    assert first.mean_now_source == "since_reset" and first.calls_since == 30
+
+
+def test_a_role_without_pg_read_all_stats_gets_a_note(pg, scenario):
+    targets = {"primary": pg.primary.dsn(dbname=scenario.db, user=NOPRIV_ROLE)}
+    config = load_config(_config_file(scenario, targets))
+    result = slower_statements(config, read_baseline(scenario.baseline_path))
+    assert any("pg_read_all_stats" in n for n in result.notes), result.notes
+    assert not result.slower  # nothing of the application's can be identified
+
+
+def test_a_database_without_the_extension_gets_a_note(pg, scenario):
+    noext = scenario.db + "_noext"
+    with pg.primary.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(noext)))
+    try:
+        config = load_config(_config_file(scenario, {"primary": monitor_dsn(pg.primary, noext)}))
+        result = slower_statements(config, read_baseline(scenario.baseline_path))
+    finally:
+        with pg.primary.connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(noext)))
+    assert any("primary: pg_stat_statements is not installed" in n for n in result.notes), result.notes
+    assert "replica: no statement snapshot" not in " ".join(result.notes)  # not in this config
+
+
+def _config_file(scenario: Scenario, targets: dict[str, str]) -> Path:
+    path = scenario.baseline_path.parent / f"config-{uuid.uuid4().hex[:6]}.yml"
+    path.write_text(yaml.safe_dump({"targets": targets, "migration": {"id": "m1", "role": MIGRATION_ROLE}}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "expected"),
+    [
+        ("queryid", 123, "queryid: expected a 64-bit integer as text"),
+        ("queryid", "9223372036854775808", "queryid: expected a 64-bit integer as text"),
+        ("query", "SELECT 1\nFROM x", "query: expected one printable line"),
+        ("query", "x" * (TEXT_MAX + 1), "query: expected one printable line"),
+        ("mean_source", "guess", "mean_source: expected 'window' or 'cumulative'"),
+        ("cumulative_calls", -1, "cumulative_calls: expected a non-negative number"),
+    ],
+)
+def test_a_damaged_snapshot_is_one_line(scenario, tmp_path, field, bad, expected):
+    doc = json.loads(scenario.baseline_path.read_text())
+    doc["top_statements"]["primary"]["statements"][0][field] = bad
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(BaselineError) as err:
+        read_baseline(tmp_path / "bad.json")
+    assert "top_statements.primary.statements[0]." + expected in str(err.value)
+
+
+def test_texts_are_one_printable_line_cut_at_the_limit():
+    assert clean_text("SELECT a,\n\t b  FROM t\x1b") == ("SELECT a, b FROM t\ufffd", False)
+    cut, was_cut = clean_text("SELECT " + "x" * 3 * TEXT_MAX)
+    assert was_cut and len(cut) == TEXT_MAX and cut.endswith("…")
+    assert clean_text(b"SELECT '\xff'") == ("SELECT '\ufffd'", False)
