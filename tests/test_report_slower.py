@@ -31,7 +31,16 @@ from migexport.baseline_file import BaselineError, read_baseline
 from migexport.config import Config, load_config
 from migexport.localpg import free_port
 from migexport.report.slower import NO_SNAPSHOT, SlowerResult, slower_statements
-from migexport.topstatements import TEXT_MAX, clean_text
+from migexport.topstatements import (
+    TEXT_MAX,
+    Counters,
+    Reading,
+    clean_text,
+    delta,
+    reset_between,
+    snapshot_doc,
+    window_entries,
+)
 from test_cli import migexport_argv, run_cli
 
 APP_ROLE, MIGRATION_ROLE, NOPRIV_ROLE = "slower_app", "slower_migration", "slower_nopriv"
@@ -295,3 +304,41 @@ def test_texts_are_one_printable_line_cut_at_the_limit():
     cut, was_cut = clean_text("SELECT " + "x" * 3 * TEXT_MAX)
     assert was_cut and len(cut) == TEXT_MAX and cut.endswith("…")
     assert clean_text(b"SELECT '\xff'") == ("SELECT '\ufffd'", False)
+
+
+def _reading(counters: dict[int, tuple[float, float]], stats_reset: float = 100.0) -> Reading:
+    keys = {q: (q, 10, 5) for q in counters}
+    return Reading(
+        taken_at=stats_reset + 1,
+        database="app",
+        counters={keys[q]: Counters(calls, seconds, calls) for q, (calls, seconds) in counters.items()},
+        roles={keys[q]: "app" for q in counters},
+        stats_reset=stats_reset,
+        hidden=0,
+        schema="public",
+        version="1.10",
+    )
+
+
+def test_the_window_ranks_what_ran_in_it_then_fills_with_cumulative_means():
+    start = _reading({1: (10, 1.0), 2: (5, 9.0), 3: (100, 5.0)})
+    # 1 ran 10 times (2 s); 2 did not run; 3 went down (evicted and back: all 3 calls are the window's); 4 is new.
+    end = _reading({1: (20, 3.0), 2: (5, 9.0), 3: (3, 0.3), 4: (1, 0.1)})
+    assert [k[0] for k, _, _ in window_entries(start, end, 3)] == [1, 3, 4]
+    doc = snapshot_doc(start, end, {}, 4)
+    by_id = {e["queryid"]: e for e in doc["statements"]}
+    assert list(by_id) == ["1", "3", "4", "2"]
+    assert by_id["1"]["mean_exec_seconds"] == 0.2 and by_id["1"]["calls"] == 10
+    assert by_id["3"]["mean_exec_seconds"] == pytest.approx(0.1) and by_id["3"]["mean_source"] == "window"
+    assert by_id["2"]["mean_source"] == "cumulative" and by_id["2"]["mean_exec_seconds"] == 1.8
+    # A full reset in the window (stats_reset moved): every count at the end is the window's.
+    reset = snapshot_doc(start, _reading({1: (4, 2.0)}, stats_reset=150.0), {}, 4)
+    assert reset["statements"][0]["calls"] == 4 and reset["statements"][0]["mean_exec_seconds"] == 0.5
+
+
+def test_counters_are_compared_only_when_they_did_not_go_back():
+    before = Counters(100, 1.0, 100)
+    assert delta(before, Counters(150, 2.0, 150), reset_between=False) == (Counters(50, 1.0, 50), True)
+    assert delta(before, Counters(40, 2.0, 40), reset_between=False) == (Counters(40, 2.0, 40), False)
+    assert delta(before, Counters(150, 2.0, 150), reset_between=True) == (Counters(150, 2.0, 150), False)
+    assert reset_between(100.0, 150.0) and not reset_between(100.0, 100.0) and not reset_between(None, 150.0)

@@ -184,10 +184,11 @@ def _since_baseline(
 ) -> dict[Key, Counters]:
     """Each snapshot statement's counters since the baseline; the slower ones go into `result`."""
     since: dict[Key, Counters] = {}
-    compared = 0
+    compared, gone = 0, 0
     for st in snap.statements:
         now = reading.counters.get(st.key)
-        if now is None:  # evicted, or its table dropped and re-created (a new queryid)
+        if now is None:
+            gone += st.mean_source == "window"
             continue
         at_end = Counters(st.cumulative_calls, st.cumulative_total_exec_seconds, st.cumulative_rows)
         d, comparable = delta(at_end, now, reset)
@@ -199,6 +200,11 @@ def _since_baseline(
         if mean_now > max(mean_before, result.latency_floor_seconds) * result.min_ratio:
             result.slower.append(_slower(target, st, d, mean_now, comparable))
     result.compared[target] = compared
+    if gone:
+        result.notes.append(
+            f"{target}: {gone} statements that ran in the baseline window are not in pg_stat_statements now "
+            "(reset, evicted, or their table was dropped and re-created, which gives them a new queryid)"
+        )
     return since
 
 
