@@ -194,6 +194,8 @@ def test_the_baseline_holds_both_statements_with_window_means(scenario):
         assert st.cumulative_calls >= st.calls and 0 < st.mean_exec_seconds < 0.01
     assert snap.window_start_at < snap.captured_at and snap.limit == 50 and snap.hidden_statements == 0
     assert "replica" in baseline.top_statements  # read there too (nothing ran on it)
+    shown = run_cli("show-baseline", str(scenario.baseline_path))
+    assert shown.returncode == 0 and "primary top statements" in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_neither_the_exporter_nor_the_migration_role_appears(pg, scenario):
@@ -342,3 +344,15 @@ def test_counters_are_compared_only_when_they_did_not_go_back():
     assert delta(before, Counters(40, 2.0, 40), reset_between=False) == (Counters(40, 2.0, 40), False)
     assert delta(before, Counters(150, 2.0, 150), reset_between=True) == (Counters(150, 2.0, 150), False)
     assert reset_between(100.0, 150.0) and not reset_between(100.0, 100.0) and not reset_between(None, 150.0)
+
+
+def test_top_statements_0_writes_no_snapshot(scenario, tmp_path):
+    config_path = _config_file(scenario, {"primary": scenario.config.targets[0].dsn})
+    out = tmp_path / "none.json"
+    proc = run_cli(
+        "baseline", "-c", str(config_path), "--duration", "1s", "--exporter-url", "none", "--top-statements", "0",
+        "-o", str(out), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "top_statements" not in json.loads(out.read_text()) and "top statements" not in proc.stdout
+    assert slower_statements(scenario.config, read_baseline(out)).notes == [NO_SNAPSHOT]

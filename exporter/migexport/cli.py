@@ -27,6 +27,7 @@ from migexport.run import Around, RunError, ServerSide, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
 from migexport.state import write_atomic
 from migexport.targets import SessionSettings
+from migexport.topstatements import TOP_STATEMENTS
 from migexport.units import parse_duration, parse_listen
 
 EXIT_USAGE = 2
@@ -196,6 +197,14 @@ def init(path: str, force: bool) -> None:
     help="The running 'migexport serve' whose probe timings and transaction counts the baseline takes, so that "
     "both sides are measured alike; 'none' to measure here.  [default: http://127.0.0.1:<the config's listen port>]",
 )
+@click.option(
+    "--top-statements",
+    type=click.IntRange(min=0, max=1000),
+    default=TOP_STATEMENTS,
+    show_default=True,
+    help="Statements of pg_stat_statements kept per target (by time in the window, with their text) for the "
+    "report's 'what got slower'; 0 for none.",
+)
 def baseline(
     config_path: str | None,
     duration: str,
@@ -203,6 +212,7 @@ def baseline(
     force: bool,
     allow_partial: bool,
     exporter_url: str | None,
+    top_statements: int,
 ) -> None:
     """Sample the targets for a window before the migration and record the baseline.
 
@@ -224,7 +234,12 @@ def baseline(
                 bar.update(round(fraction * 1000) - bar.pos)
 
             doc = capture_baseline(
-                config, seconds, progress, allow_partial=allow_partial, exporter_url=_exporter_url(config, exporter_url)
+                config,
+                seconds,
+                progress,
+                allow_partial=allow_partial,
+                exporter_url=_exporter_url(config, exporter_url),
+                top_statements=top_statements,
             )
         write_baseline(out, doc, force=force)
     except BaselineIncomplete as exc:
