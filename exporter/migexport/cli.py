@@ -572,6 +572,46 @@ def verify(config_path: str | None, output_format: str) -> None:
     sys.exit(0 if ok else 1)
 
 
+# -- report (issue 11): the migration report, one self-contained page or a Markdown summary ---------
+@cli.command()
+@CONFIG_OPTION
+@click.option("--id", "migration_id", help="The migration to report on.  [default: the one in the state file]")
+@click.option(
+    "--output",
+    "-o",
+    metavar="FILE",
+    help="Write here.  [default: next to the run log, migexport-report-<id>.html (.md)]",
+)
+@click.option("--format", "output_format", type=click.Choice(["html", "markdown"]), default="html", show_default=True)
+@click.option(
+    "--prometheus-url", metavar="URL", help="The Prometheus to ask.  [default: the config's slis.prometheus_url]"
+)
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def report(
+    config_path: str | None,
+    migration_id: str | None,
+    output: str | None,
+    output_format: str,
+    prometheus_url: str | None,
+    force: bool,
+) -> None:
+    """Write the migration report: header, success criteria (from the same recording rules as the
+    dashboard), timeline charts, the alerts that fired, preflight and verify, what got slower, and the
+    run log's tail. Exit 2 when Prometheus is unreachable or has no data for the migration.
+    """
+    from migexport.report.prometheus import ReportError
+    from migexport.report.render import write_report
+
+    config = _load_config(config_path)
+    if config is None:
+        raise UserError("report needs --config FILE (the state file, the log, the thresholds, slis.prometheus_url)")
+    try:
+        path = write_report(config, migration_id, output, output_format, prometheus_url, force=force)
+    except ReportError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, exit 2 for usage errors, 1 for anything unexpected."""
     try:
