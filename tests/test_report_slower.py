@@ -27,7 +27,8 @@ import yaml
 from psycopg import sql
 
 from conftest import MONITOR_ROLE, monitor_dsn, running, wait_for
-from migexport.baseline_file import BaselineError, read_baseline
+from migexport.baseline import _fit_statements
+from migexport.baseline_file import MAX_BASELINE_BYTES, BaselineError, read_baseline, write_baseline
 from migexport.config import Config, load_config
 from migexport.localpg import free_port
 from migexport.report.slower import NO_SNAPSHOT, SlowerResult, slower_statements
@@ -106,6 +107,8 @@ def _setup_database(pg, db: str) -> None:
         conn.execute("VACUUM ANALYZE fast_items, slow_orders")
         conn.execute(f"GRANT SELECT ON fast_items, slow_orders TO {APP_ROLE}")
         conn.execute(f"GRANT SELECT ON fast_items TO {MONITOR_ROLE}")
+        # A utility statement keeps its constants in pg_stat_statements: the snapshot must redact it.
+        conn.execute(f"ALTER ROLE {NOPRIV_ROLE} PASSWORD 'hunter2-slower'")
 
 
 def _write_config(pg, db: str, tmp: Path, listen_port: int) -> Path:
@@ -218,7 +221,9 @@ def test_neither_the_exporter_nor_the_migration_role_appears(pg, scenario):
 
 
 def test_the_text_is_in_the_baseline_file_and_in_no_metric(scenario):
-    assert "slow_orders" in scenario.baseline_path.read_text()
+    text = scenario.baseline_path.read_text()
+    assert "slow_orders" in text
+    assert f"ALTER ROLE {NOPRIV_ROLE} PASSWORD '***'" in text and "hunter2" not in text
     assert "migexport_baseline_loaded" in scenario.metrics_text
     for word in ("slow_orders", "fast_items", "SELECT", "queryid"):
         assert word not in scenario.metrics_text, word
@@ -306,6 +311,9 @@ def test_texts_are_one_printable_line_cut_at_the_limit():
     cut, was_cut = clean_text("SELECT " + "x" * 3 * TEXT_MAX)
     assert was_cut and len(cut) == TEXT_MAX and cut.endswith("…")
     assert clean_text(b"SELECT '\xff'") == ("SELECT '\ufffd'", False)
+    assert clean_text("ALTER ROLE a PASSWORD 'x''y' LOGIN") == ("ALTER ROLE a PASSWORD '***' LOGIN", False)
+    assert clean_text("CREATE ROLE a PASSWORD $q$x$$y$q$") == ("CREATE ROLE a PASSWORD '***'", False)
+    assert "hunter2" not in clean_text("SELECT dblink_connect('host=db password=hunter2')")[0]
 
 
 def _reading(counters: dict[int, tuple[float, float]], stats_reset: float = 100.0) -> Reading:
@@ -356,3 +364,20 @@ def test_top_statements_0_writes_no_snapshot(scenario, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "top_statements" not in json.loads(out.read_text()) and "top statements" not in proc.stdout
     assert slower_statements(scenario.config, read_baseline(out)).notes == [NO_SNAPSHOT]
+
+
+def test_a_snapshot_too_large_for_the_readers_is_cut_not_the_file(scenario, tmp_path):
+    doc = json.loads(scenario.baseline_path.read_text())
+    entry = doc["top_statements"]["primary"]["statements"][0]
+    for name in ("primary", "replica", "third"):  # 3 x 1,000 statements of 2,000 characters: 6 MB
+        doc["top_statements"][name] = {
+            **doc["top_statements"]["primary"],
+            "statements": [{**entry, "queryid": str(i), "query": "x" * TEXT_MAX} for i in range(1000)],
+        }
+    _fit_statements(doc)
+    write_baseline(tmp_path / "big.json", doc, force=False)
+    assert (tmp_path / "big.json").stat().st_size <= MAX_BASELINE_BYTES // 2
+    back = read_baseline(tmp_path / "big.json")
+    kept = {len(snap.statements) for snap in back.top_statements.values()}
+    assert len(kept) == 1 and 100 < kept.pop() < 1000
+    assert any("statement snapshot cut to" in m for m in back.missing)

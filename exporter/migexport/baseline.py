@@ -48,7 +48,7 @@ from typing import Any
 
 import psycopg
 
-from migexport.baseline_file import FORMAT, VERSION, BaselineError
+from migexport.baseline_file import FORMAT, MAX_BASELINE_BYTES, VERSION, BaselineError
 from migexport.collectors import connections, replication, size, statements, transactions
 from migexport.collectors.base import MARKER, Context, ServerInfo
 from migexport.config import Config, Probe, Thresholds
@@ -365,12 +365,29 @@ def capture(
         if top_statements > 0:
             snapshots = {name: s.top_statements(top_statements, doc["missing"]) for name, s in samplers.items()}
             doc["top_statements"] = {name: snap for name, snap in snapshots.items() if snap is not None}
+            _fit_statements(doc)
     finally:
         for s in samplers.values():
             s.conn.close()
     progress(1.0)
     doc["slis"] = _capture_slis(config, doc["missing"])
     return doc
+
+
+def _fit_statements(doc: dict[str, Any], budget: int = MAX_BASELINE_BYTES // 2) -> None:
+    """Keep the file well under what readers accept: a file `serve` refuses disarms every alert,
+    so the statement snapshot (the only part that grows with a setting) gives way, least time first."""
+    size = len(json.dumps(doc, indent=2))
+    if size <= budget:
+        return
+    snaps = doc["top_statements"].values()
+    cap = max(len(snap["statements"]) for snap in snaps)
+    while size > budget and cap > 0:
+        cap = cap * 3 // 4  # the longest lists give way first; each is ranked, so its tail goes
+        for snap in snaps:
+            del snap["statements"][cap:]
+        size = len(json.dumps(doc, indent=2))
+    doc["missing"].append(f"statement snapshot cut to {cap} statements per target to keep the file small")
 
 
 def _sample(

@@ -21,6 +21,7 @@ which `delta` reports as not comparable.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,9 +30,18 @@ import psycopg
 
 from migexport.collectors.base import Context
 from migexport.collectors.statements import EXTENSION_SQL
+from migexport.dsn import REDACTED, redact
 
 TOP_STATEMENTS = 50  # statements kept per target in the baseline: enough for the report, a few kB
 TEXT_MAX = 2000  # characters of normalised query text kept per statement
+
+# Utility statements are kept as they were typed, constants included (only planned statements are
+# normalised to $1): `ALTER ROLE app PASSWORD 'secret'` must not reach a baseline file or a report.
+_SQL_PASSWORD = re.compile(
+    r"(\bPASSWORD\s+)"  # then a literal: '...', E'...', $$...$$ or $tag$...$tag$, or a bare word
+    r"('(?:[^']|'')*'|E'(?:[^'\\]|\\.|'')*'|(\$\w*\$).*?\3|[^\s;]+)",
+    re.I | re.S,
+)
 
 # (queryid, userid, dbid): what identifies a statement across readings.
 Key = tuple[int, int, int]
@@ -152,12 +162,14 @@ def read_texts(ctx: Context, reading: Reading, keys: Iterable[Key]) -> dict[Key,
 def clean_text(text: str | bytes) -> tuple[str, bool]:
     """One printable line of at most TEXT_MAX characters, and whether it was cut.
 
+    Passwords are redacted (PASSWORD '...' of a utility statement, password= of a DSN in a literal).
     Whitespace runs become one space (a statement's text fits a table row and a Markdown cell),
     control characters and lone surrogates become U+FFFD (the baseline reader accepts printable text only).
     """
     if isinstance(text, bytes):  # a SQL_ASCII database hands over bytes
         text = text.decode("utf-8", "replace")
     text = text.encode("utf-8", "replace").decode("utf-8") if _has_surrogates(text) else text
+    text = redact(_SQL_PASSWORD.sub(lambda m: m.group(1) + f"'{REDACTED}'", text))  # and DSNs (dblink, ...)
     line = "".join(ch if ch.isprintable() else "\ufffd" for ch in " ".join(text.split()))
     if len(line) > TEXT_MAX:
         return line[: TEXT_MAX - 1] + "…", True
