@@ -27,7 +27,7 @@ import yaml
 from psycopg import sql
 
 from conftest import MONITOR_ROLE, monitor_dsn, running, wait_for
-from migexport.baseline import _fit_statements
+from migexport.baseline import _fit_statements, capture
 from migexport.baseline_file import MAX_BASELINE_BYTES, BaselineError, read_baseline, write_baseline
 from migexport.config import Config, load_config
 from migexport.localpg import free_port
@@ -273,11 +273,15 @@ def test_a_database_without_the_extension_gets_a_note(pg, scenario):
     try:
         config = load_config(_config_file(scenario, {"primary": monitor_dsn(pg.primary, noext)}))
         result = slower_statements(config, read_baseline(scenario.baseline_path))
+        doc = capture(config, 0.5)  # and a baseline there: a note, not a failure
     finally:
         with pg.primary.connect() as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(noext)))
     assert any("primary: pg_stat_statements is not installed" in n for n in result.notes), result.notes
     assert "replica: no statement snapshot" not in " ".join(result.notes)  # not in this config
+    assert doc["top_statements"] == {}
+    expected = "primary: no statement snapshot: pg_stat_statements is not installed"
+    assert any(m.startswith(expected) for m in doc["missing"]), doc["missing"]
 
 
 def _config_file(scenario: Scenario, targets: dict[str, str]) -> Path:
