@@ -88,8 +88,8 @@ class SlowerResult:
 
     @property
     def available(self) -> bool:
-        """At least one target was compared (an empty `slower` then means: nothing got slower)."""
-        return bool(self.compared)
+        """At least one statement was compared (an empty `slower` then means: nothing got slower)."""
+        return any(n > 0 for n in self.compared.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
