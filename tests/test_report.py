@@ -63,6 +63,7 @@ DATABASE = "migexport_report"
 LEDGER = "report_ledger"
 PROBE = "customer_orders"
 PROBE_SQL = f"SELECT id, status, amount, created_at FROM {live_app.TABLE} WHERE customer = 4242"
+SECRET = "Hunter2-report-secret"
 BASELINE_SECONDS = 6
 CLEAN_WATCH = 6.0
 SLOW_WATCH = 10.0
@@ -106,10 +107,10 @@ class Stack:
     psql: list[str]
     runs: dict[str, Migration] = field(default_factory=dict)
 
-    def migrate(self, migration_id: str, watch: float, sql: str) -> Migration:
+    def migrate(self, migration_id: str, watch: float, sql: str, *psql_args: str) -> Migration:
         argv = [*migexport_argv(), "run", "-c", str(self.cfg), "--skip-preflight", "--id", migration_id]
         proc = subprocess.run(
-            [*argv, "--watch-window", f"{watch:g}s", "--", *self.psql, "-c", sql],
+            [*argv, "--watch-window", f"{watch:g}s", "--", *self.psql, *psql_args, "-c", sql],
             env=self.env,
             capture_output=True,
             text=True,
@@ -133,6 +134,11 @@ class Stack:
         md = cli("report", "-c", str(self.cfg), "--format", "markdown", "--prometheus-url", self.prom.url)
         assert md.returncode == 0, md.stderr
         run.markdown = self.tmp / f"migexport-report-{run.migration_id}.md"
+        if os.environ.get("MIGEXPORT_REPORT_KEEP"):  # what the closing note of issue 11 asks for
+            keep = Path(os.environ["MIGEXPORT_REPORT_KEEP"])
+            keep.mkdir(parents=True, exist_ok=True)
+            summary = {"seconds": round(run.report_seconds, 2), "bytes": run.html.stat().st_size}
+            (keep / f"{run.migration_id}.json").write_text(json.dumps(summary) + "\n")
         run.delivered = [
             a for a in self.webhook.alerts(status="firing") if a["labels"].get("migration_id") == run.migration_id
         ]
@@ -242,7 +248,14 @@ def stack(pg, tmp_path_factory) -> Iterator[Stack]:
             "PGAPPNAME": "migration",
         }
         s = Stack(tmp, cfg, prom, webhook, env, [_psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        s.runs["clean"] = s.migrate("clean", CLEAN_WATCH, f"ALTER TABLE {live_app.TABLE} ADD COLUMN note text")
+        # A password on the command line (ignored by the test cluster): the log has it, the report must not.
+        s.runs["clean"] = s.migrate(
+            "clean",
+            CLEAN_WATCH,
+            f"ALTER TABLE {live_app.TABLE} ADD COLUMN note text",
+            "-d",
+            f"dbname={DATABASE} password={SECRET}",
+        )
         s.report(s.runs["clean"])
         s.runs["slow"] = s.migrate("slow", SLOW_WATCH, f"DROP INDEX {live_app.CUSTOMER_INDEX}")
         s.report(s.runs["slow"])
@@ -412,6 +425,10 @@ def test_the_page_is_self_contained_and_small(stack: Stack):
         assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.IGNORECASE)
         assert "<script" not in text.lower()
         assert len(text.encode()) < 1_000_000, len(text.encode())
+        assert SECRET not in text and SECRET not in run.markdown.read_text()
+    assert SECRET in (stack.tmp / "migration.log").read_text()  # what the redaction had to hide
+    clean = stack.runs["clean"].html.read_text()
+    assert f"dbname={DATABASE} password=***" in clean, "the command and the log tail, redacted"
 
 
 # -- the page in a real browser --------------------------------------------------------------------
@@ -594,3 +611,79 @@ def test_an_earlier_migration_by_id_from_prometheus_history(stack: Stack, tmp_pa
     assert proc.returncode == 0, proc.stderr
     table = lambda text: text[text.index("| Metric |") :].split("\n\n")[0]  # noqa: E731
     assert table(out.read_text()) == table(stack.runs["clean"].markdown.read_text())
+
+
+# -- without the stack: the log's section, redaction, escaping, episodes -----------------------------
+
+LOG = """\
+Migration started at Tue Nov 24 10:00:00 UTC 2026
+migration first: psql -c 'ALTER TABLE a ADD b int' (time limit 1800s)
+Migration ended at Tue Nov 24 10:00:01 UTC 2026: succeeded, exit code 0, duration 1.0s
+Preflight at Tue Nov 24 11:00:00 UTC 2026:
+STATUS  CHECK
+PASS    pitr
+Migration started at Tue Nov 24 11:00:05 UTC 2026
+migration second: psql 'host=db password=hunter2' -c "ALTER TABLE <b>" (time limit 1800s)
+PGPASSWORD=hunter3 api_token: abc123 postgresql://app:hunter4@db/app
+Migration ended at Tue Nov 24 11:00:09 UTC 2026: succeeded, exit code 0, duration 4.0s
+Verify at Tue Nov 24 11:00:10 UTC 2026:
+Migration started at Tue Nov 24 12:00:00 UTC 2026
+migration third: sleep 1 (time limit 1800s)
+"""
+
+
+def test_the_log_tail_is_the_migrations_own_lines_with_secrets_redacted(tmp_path: Path):
+    from migexport.report.logtail import command_line, log_tail
+
+    log = tmp_path / "migration.log"
+    log.write_text(LOG)
+    lines, note = log_tail(log, "second")
+    assert lines[0] == "Preflight at Tue Nov 24 11:00:00 UTC 2026:" and lines[-1].startswith("Verify at")
+    assert not any("hunter" in line for line in lines), lines
+    assert "PGPASSWORD=*** api_token: *** postgresql://app:***@db/app" in lines
+    assert "migration 'second'" in note
+    assert command_line(log, "second") == "psql 'host=db password=***' -c \"ALTER TABLE <b>\""
+    assert log_tail(log, "first", limit=2)[0] == [lines_ for lines_ in LOG.splitlines()[1:3]]
+    assert "not found" in log_tail(log, "nope")[1]
+
+
+def test_episodes_and_watch_windows_read_back():
+    from migexport.report.data import _episodes, _roundest
+
+    assert _episodes([1, 2, 3, 10, 11], gap=2.5) == [(1, 3), (10, 11)]
+    assert _roundest(5.2, 6.1) == 6.0  # --watch-window 6s, scraped every second
+    assert _roundest(3590.0, 3605.0) == 3600.0  # 1h, scraped every 15 s
+    assert _roundest(1795.0, 1800.5) == 1800.0
+
+
+def test_the_page_escapes_what_it_shows(tmp_path: Path):
+    """Label values, log lines and statement texts are data: a `<script>` in any of them is text on the page,
+    a `$` in a legend is not TeX, and a `|` does not break the Markdown table."""
+    from migexport.report.data import CriterionRow, FiredAlert, Migration, ReportData, Window
+    from migexport.report.prometheus import Sample
+    from migexport.report.render import render_html, render_markdown
+    from migexport.report.timelines import Chart, Line
+
+    evil = "<script>alert(1)</script>"
+    m = Migration(evil, "failed", 1000.0, 1010.0, 1, 1800.0, 60.0, "state file x", host="db|host", command=evil)
+    sample = Sample({}, "0.5", 1070.0)
+    data = ReportData(
+        migration=m,
+        window=Window(900.0, 1070.0, 900.0, 1070.0),
+        prometheus_url="http://prometheus:9090",
+        criteria=[CriterionRow("error_rate_change", "", sample, sample, Sample({}, "0", 1070.0))],
+        charts=[Chart("lag", "Lag", "s", "d", [Line(f"{evil} $x_1$ → s", "live", [(950.0, 1.0), (1000.0, 2.0)])])],
+        alerts=[FiredAlert("MigrationFailed", "rollback", "critical", {"target": evil}, 1001.0, 1060.0, False)],
+        checks={},
+        checks_note="",
+        log_lines=[evil],
+        log_note="n",
+        slower={"available": True, "min_ratio": 1.5, "slower": [{"query": f"SELECT '{evil}' | 1", "ratio": 3.0}]},
+        slower_note="",
+    )
+    page = render_html(data)
+    assert "<script" not in page.lower() and "&lt;script&gt;" in page
+    assert "$x_1$" in page  # the legend's text as given
+    md = render_markdown(data)
+    assert "| Error rate change | < 50 % | +50 % | FAIL |" in md, md
+    assert "\\| 1" in md

@@ -1,5 +1,6 @@
-"""One chart as inline SVG, drawn by matplotlib (Agg, no display): the series, the thresholds as dashed
-lines, the migration's run shaded between its start and end, and the end of the watch window.
+"""One chart as inline SVG, drawn by matplotlib (a bare Figure and its SVG canvas, never a display): the
+series, the thresholds as dashed lines, the migration's run shaded between its start and end, and the end
+of the watch window.
 
 The SVG is made to sit inside the HTML page: no XML declaration or DOCTYPE, no metadata block, text as
 <text> in the page's own fonts (no embedded glyphs, no font files), ids salted per chart so that two
@@ -14,12 +15,9 @@ import re
 from datetime import UTC, datetime
 
 import matplotlib
-
-matplotlib.use("Agg")  # before pyplot: never a display, whatever the environment says
-
 import matplotlib.dates as mdates
-import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from migexport.report.timelines import Chart
@@ -51,14 +49,17 @@ def _value_format(unit: str) -> FuncFormatter:
 
 
 def render_svg(chart: Chart, start: float, end: float, run: tuple[float, float | None], watch_end: float) -> str:
-    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": chart.key, "font.size": 8}):
-        fig, ax = plt.subplots(figsize=(7.6, 2.3), layout="constrained")
-        try:
-            _draw(ax, chart, start, end, run, watch_end)
-            buf = io.StringIO()
-            fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
-        finally:
-            plt.close(fig)
+    # parse_math off: a label with "$" (a standby's application_name) is text, not TeX to fail on.
+    settings = {"svg.fonttype": "none", "svg.hashsalt": chart.key, "font.size": 8, "text.parse_math": False}
+    with matplotlib.rc_context(settings):
+        # Fixed margins, the legend in the right-hand quarter: a layout engine would draw every chart twice more.
+        # A bare Figure, not pyplot: no global figure registry, no GUI backend, nothing to close.
+        fig = Figure(figsize=(7.6, 2.3))
+        fig.subplots_adjust(left=0.08, right=0.7, bottom=0.2, top=0.95)
+        ax = fig.add_subplot()
+        _draw(ax, chart, start, end, run, watch_end)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     return _inline(buf.getvalue(), chart.key)
 
 

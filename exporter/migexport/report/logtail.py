@@ -20,7 +20,7 @@ _STARTS = ("Preflight at ", "Migration started at ")
 # Beyond the DSN forms dsn.redact knows: PGPASSWORD=..., password: ..., token=..., Authorization headers.
 _SECRETS = [
     re.compile(
-        r"(\b(?:PGPASSWORD|[A-Za-z_]*password|passwd|pwd|secret|[A-Za-z_]*token|api[_-]?key)\b\s*[=:]\s*)(\S+)",
+        r"(\b(?:PGPASSWORD|[A-Za-z_]*password|passwd|pwd|secret|[A-Za-z_]*token|api[_-]?key)\b\s*[=:]\s*)([^\s'\"&,;]+)",
         re.IGNORECASE,
     ),
     re.compile(r"(\bAuthorization:\s*\w+\s+)(\S+)", re.IGNORECASE),
