@@ -6,7 +6,7 @@ the command (exit 1, the table in its log) and starts it with `--skip-preflight`
 (exit 0), a migration that deletes rows of a declared-frozen table fails (exit 3), and then, through the
 real stack (`serve` exporting the checks file, Prometheus with the rendered rules),
 MigrationDataIntegrityFailed fires for that migration and the success criteria's data-integrity row
-reads FAIL.
+reads FAIL. With `--report`, `run` waits for the watch window to close and writes the report.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import yaml
 from conftest import PrometheusServer, monitor_dsn, prometheus_server, running, wait_for
 from migexport import localpg
 from migexport.checks.result import read_checks
+from migexport.run import REPORT_MARGIN_SECONDS
 from test_cli import migexport_argv
 
 DATABASE = "migexport_runchecks"
@@ -195,3 +197,48 @@ def test_deleting_rows_of_a_frozen_table_fails_verify_pages_and_fails_the_integr
         assert float(row[0]["value"][1]) == 0
         actual = prom.query('migexport:success_criterion:actual{criterion="data_integrity", migration_id="frozen"}')
         assert float(actual[0]["value"][1]) == 0.5
+
+
+def test_run_report_waits_for_the_watch_window_then_writes_the_page_and_the_summary(setup: Setup, tmp_path: Path):
+    cfg = yaml.safe_load(setup.cfg.read_text())
+    url = f"http://{cfg['listen']}"
+    rules = tmp_path / "rules.yml"
+    rendered = subprocess.run(
+        [*migexport_argv(), "rules", "-c", str(setup.cfg), "-o", str(rules)], capture_output=True, text=True
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    prom_config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "migexport", "static_configs": [{"targets": [cfg["listen"]]}]}],
+    }
+    serve = [*migexport_argv(), "serve", "-c", str(setup.cfg)]
+    with (
+        running(serve, tmp_path / "serve.log", url + "/", "migexport serve"),
+        prometheus_server(tmp_path, yaml.safe_dump(prom_config)) as prom,
+    ):
+        wait_for(lambda: prom.query("migexport_up == 1") != [], timeout=30, what="a scrape")
+        started = time.time()
+        proc = setup.run(
+            "reported",
+            "--skip-preflight",
+            "--watch-window",
+            "3s",
+            "--report",
+            "--prometheus-url",
+            prom.url,
+            sql=f"ALTER TABLE {ORDERS} ADD COLUMN reported_note text",
+        )
+        waited = time.time() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # It waited for the window (3 s) and the evaluation margin before asking Prometheus.
+    assert waited >= 3 + REPORT_MARGIN_SECONDS, waited
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("report: /"))
+    paths = [Path(p) for p in line.removeprefix("report: ").split(", ")]
+    assert [p.suffix for p in paths] == [".html", ".md"], line
+    for path in paths:
+        assert path.parent == setup.tmp and path.name.startswith("migexport-report-reported-"), path
+    markdown = paths[1].read_text()
+    assert "Migration duration" in markdown and "reported" in markdown
+    assert "<svg" in paths[0].read_text()
+    assert line in (setup.tmp / "migration.log").read_text()

@@ -367,6 +367,13 @@ def show_baseline(path: str) -> None:
 )
 @click.option("--skip-preflight", is_flag=True, help="Start even when the preflight checks say no-go.")
 @click.option("--no-verify", is_flag=True, help="No snapshot before the command and no verification after it.")
+@click.option(
+    "--report",
+    "write_report_after",
+    is_flag=True,
+    help="Wait for the watch window to close, then write the report (HTML and Markdown) next to the log.",
+)
+@click.option("--prometheus-url", metavar="URL", help="For --report.  [default: the config's slis.prometheus_url]")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def run(
     config_path: str | None,
@@ -378,6 +385,8 @@ def run(
     control_dsn: str | None,
     skip_preflight: bool,
     no_verify: bool,
+    write_report_after: bool,
+    prometheus_url: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run the migration command: log, time limit, signals, exit status, state for 'serve'.
@@ -394,19 +403,32 @@ def run(
     # Without a file: the migration section's defaults (30 min budget, files in this directory).
     m = config.migration if config else Migration()
     resolve = config.resolve if config else Path
+    log_path = Path(log_file) if log_file else resolve(m.log_file)
+    state_path = Path(state_file) if state_file else resolve(m.state_file)
     around = Around()
+    if write_report_after and (config is None or not (prometheus_url or config.slis.prometheus_url)):
+        raise UserError("--report: needs a config (-c) and a Prometheus (--prometheus-url or slis.prometheus_url)")
     if config is not None:
         from migexport.checks.around_run import around_run
 
-        around = around_run(config, migration_id or m.id, skip_preflight=skip_preflight, no_verify=no_verify)
+        around = around_run(
+            config,
+            migration_id or m.id,
+            skip_preflight=skip_preflight,
+            no_verify=no_verify,
+            report=write_report_after,
+            prometheus_url=prometheus_url,
+            log_path=log_path,
+            state_path=state_path,
+        )
     try:
         code = run_migration(
             list(command),
             migration_id=migration_id or m.id,
             time_budget_seconds=_duration("--time-limit", time_limit) if time_limit else m.time_budget_seconds,
             watch_window_seconds=_duration("--watch-window", watch_window) if watch_window else m.watch_window_seconds,
-            log_path=Path(log_file) if log_file else resolve(m.log_file),
-            state_path=Path(state_file) if state_file else resolve(m.state_file),
+            log_path=log_path,
+            state_path=state_path,
             server=ServerSide(
                 application_name=m.session_application_name,
                 role=m.role,

@@ -51,6 +51,9 @@ from migexport.state import (
 EXIT_TIMED_OUT = 124  # what timeout(1) returns
 EXIT_NO_GO = 1  # preflight said no-go: the command did not start
 EXIT_VERIFY_FAILED = 3  # the command succeeded, the verification after it failed
+# After the watch window closes, how long `run --report` waits more: Prometheus' last evaluation of the
+# window (rules every 15 s by default) must have happened.
+REPORT_MARGIN_SECONDS = 20.0
 EXIT_NOT_FOUND = 127
 KILL_GRACE_SECONDS = 5.0
 END_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -291,6 +294,8 @@ class Around:
     preflight: Callable[[], Report] | None = None  # before anything: a no-go refuses to start
     snapshot: Callable[[], str] | None = None  # the affected tables before the command: a summary line
     verify: Callable[[], Report] | None = None  # after a command that succeeded
+    # After the watch window: write the report (given the run's start, to name the files); its paths.
+    report: Callable[[float], list[Path]] | None = None
 
 
 def _summary(report: Report, good: str, bad: str) -> dict[str, Any]:
@@ -523,6 +528,31 @@ class _Run:
         self.say(f"verify: FAILED ({summary.get('failed', '')}): exit code {EXIT_VERIFY_FAILED}", stderr=True)
         return EXIT_VERIFY_FAILED
 
+    def report_after_window(self, report: Callable[[float], list[Path]]) -> None:
+        """Wait for the watch window to close (a signal ends the wait early), then write the report. The
+        migration is over: a report that cannot be written is a warning, not a change of exit code."""
+        ended = self.writer.base.ended_at or time.time()
+        closes = ended + self.base.watch_window_seconds + REPORT_MARGIN_SECONDS
+        self.say(f"report: written when the watch window closes, at {_stamp(closes)} (Ctrl-C: now)")
+        self.echo(f"report: written when the watch window closes, at {_stamp(closes)} (Ctrl-C: now)\n")
+        stop = threading.Event()
+        handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in END_SIGNALS}
+        try:
+            stop.wait(max(0.0, closes - time.time()))
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if stop.is_set():
+            self.say("report: the wait was interrupted: the report covers the window up to now")
+        try:
+            paths = report(self.base.started_at)
+        except Exception as exc:  # e.g. Prometheus unreachable: say so, keep the exit code
+            self.say_warning(f"report not written: {redact(str(exc))[:MAX_RECORDED_TEXT]}")
+            return
+        line = "report: " + ", ".join(str(p) for p in paths)
+        self.say(line)
+        self.echo(line + "\n")
+
     def execute(self, previous: str | None, snapshot_note: str | None = None) -> int:
         self.say(f"Migration started at {_stamp(self.base.started_at)}")
         self.say(
@@ -655,7 +685,10 @@ def run_migration(
     try:
         run = _Run(command, base, log, state_path, control, echo, warn)
         code = run.execute(previous, snapshot_note)
-        return run.verify(around.verify) if code == 0 and around.verify else code
+        code = run.verify(around.verify) if code == 0 and around.verify else code
+        if around.report:
+            run.report_after_window(around.report)
+        return code
     finally:
         if control is not None:
             control.close()
