@@ -48,7 +48,14 @@ def _value_format(unit: str) -> FuncFormatter:
     return FuncFormatter({"s": seconds, "ratio": ratio}.get(unit, count))
 
 
-def render_svg(chart: Chart, start: float, end: float, run: tuple[float, float | None], watch_end: float) -> str:
+def render_svg(
+    chart: Chart,
+    start: float,
+    end: float,
+    run: tuple[float, float | None],
+    watch_end: float,
+    baseline: tuple[float, float] | None = None,
+) -> str:
     # parse_math off: a label with "$" (a standby's application_name) is text, not TeX to fail on.
     settings = {"svg.fonttype": "none", "svg.hashsalt": chart.key, "font.size": 8, "text.parse_math": False}
     with matplotlib.rc_context(settings):
@@ -58,6 +65,9 @@ def render_svg(chart: Chart, start: float, end: float, run: tuple[float, float |
         fig.subplots_adjust(left=0.08, right=0.7, bottom=0.2, top=0.95)
         ax = fig.add_subplot()
         _draw(ax, chart, start, end, run, watch_end)
+        if baseline is not None and baseline[1] > start:
+            ax.axvspan(_when(max(baseline[0], start)), _when(baseline[1]), color="#dbe9f6", alpha=0.6, label="baseline")
+            _legend(ax)
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     return _inline(buf.getvalue(), chart.key)
@@ -94,6 +104,10 @@ def _draw(ax: Axes, chart: Chart, start: float, end: float, run: tuple[float, fl
     ax.grid(True, color="#e5e5e5", linewidth=0.6)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    _legend(ax)
+
+
+def _legend(ax: Axes) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
 
 

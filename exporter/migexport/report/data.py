@@ -58,6 +58,7 @@ class Window:
     end: float
     baseline_at: float | None  # when the baseline's sampling started, if known
     criteria_at: float  # when the criteria were evaluated
+    baseline_end: float | None = None  # when it ended (the baseline's captured_at)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def gather(config: Config, prom: Prometheus, migration_id: str | None = None) ->
     window = find_window(config, prom, migration, now)
     require_data(prom, migration, window)
     criteria, criteria_at = criteria_rows(prom, migration.migration_id, window)
-    window = Window(window.start, window.end, window.baseline_at, criteria_at)
+    window = Window(window.start, window.end, window.baseline_at, criteria_at, window.baseline_end)
     checks, checks_note = checks_of(config, migration.migration_id)
     lines, log_note = log_tail(config.resolve(config.migration.log_file), migration.migration_id)
     slower, slower_note = slower_statements(config)
@@ -253,18 +254,19 @@ def _roundest(low: float, high: float) -> float:
 def find_window(config: Config, prom: Prometheus, migration: Migration, now: float) -> Window:
     """From the baseline's sampling to the end of the watch window (clipped to now)."""
     end = now if migration.ended_at is None else min(now, migration.ended_at + migration.watch_window_seconds)
-    baseline_at = _baseline_start(config, prom, migration)
-    start = baseline_at if baseline_at is not None else migration.started_at - DEFAULT_LEAD_SECONDS
-    return Window(min(start, migration.started_at), end, baseline_at, end)
+    sampled = _baseline_sampling(config, prom, migration)
+    if sampled is None:
+        return Window(migration.started_at - DEFAULT_LEAD_SECONDS, end, None, end)
+    return Window(min(sampled[0], migration.started_at), end, sampled[0], end, sampled[1])
 
 
-def _baseline_start(config: Config, prom: Prometheus, migration: Migration) -> float | None:
-    """When the baseline in use started sampling: the baseline file if it predates the migration, else the
-    baseline Prometheus saw during it."""
+def _baseline_sampling(config: Config, prom: Prometheus, migration: Migration) -> tuple[float, float] | None:
+    """When the baseline in use was sampled (start, end): the baseline file if it predates the migration,
+    else the baseline Prometheus saw during it."""
     try:
         baseline = read_baseline(config.resolve(config.baseline_file))
         if baseline.captured_at <= migration.started_at:
-            return baseline.captured_at - baseline.window_seconds
+            return baseline.captured_at - baseline.window_seconds, baseline.captured_at
     except BaselineError:
         pass
     at = migration.ended_at or migration.started_at
@@ -274,7 +276,7 @@ def _baseline_start(config: Config, prom: Prometheus, migration: Migration) -> f
     )
     windows = prom.query(f"max(last_over_time(migexport_baseline_window_seconds{sel}[{HISTORY_LOOKBACK}]))", at=at + 60)
     if captured and math.isfinite(captured[0].value):
-        return captured[0].value - (windows[0].value if windows else 0.0)
+        return captured[0].value - (windows[0].value if windows else 0.0), captured[0].value
     return None
 
 

@@ -204,7 +204,8 @@ def render_html(data: ReportData) -> str:
     m, w = data.migration, data.window
     run = (m.started_at, m.ended_at)
     watch_end = m.ended_at + m.watch_window_seconds if m.ended_at is not None else w.end + 1
-    charts = [(c, render_svg(c, w.start, w.end, run, watch_end)) for c in data.charts]
+    baseline = (w.baseline_at, w.baseline_end) if w.baseline_at is not None and w.baseline_end is not None else None
+    charts = [(c, render_svg(c, w.start, w.end, run, watch_end, baseline)) for c in data.charts]
     step = step_for(w.start, w.end)
     return _environment().get_template("report.html.j2").render(**_context(data), charts=charts, step=step)
 

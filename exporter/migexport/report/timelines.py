@@ -54,11 +54,11 @@ def _no_id(metric: str, by: str = "target") -> str:
 
 
 def chart_specs(t: Thresholds, migration_id_selector: str) -> list[tuple[Chart, list[Query]]]:
-    n, m = series_names(t), migration_id_selector
-    base_err = _no_id("migexport_baseline_error_ratio")
-    base_lat = _no_id("migexport_baseline_statement_latency_seconds")
-    base_p95 = _no_id('migexport_baseline_probe_latency_seconds{quantile="0.95"}', "target, probe")
-    base_conn = _no_id("migexport_baseline_connections")
+    """The charts in page order, each with the queries of its lines."""
+    return _lock_and_lag_charts(t, migration_id_selector) + _baseline_charts(t) + _probe_and_connection_charts(t)
+
+
+def _lock_and_lag_charts(t: Thresholds, m: str) -> list[tuple[Chart, list[Query]]]:
     return [
         (
             Chart(
@@ -103,6 +103,15 @@ def chart_specs(t: Thresholds, migration_id_selector: str) -> list[tuple[Chart, 
                 Query("migexport_standby_replay_lag_seconds", "{target} (standby)"),
             ],
         ),
+    ]
+
+
+def _baseline_charts(t: Thresholds) -> list[tuple[Chart, list[Query]]]:
+    """The signals the relative alerts compare with the baseline, with the baseline and the trigger line."""
+    n = series_names(t)
+    base_err = _no_id("migexport_baseline_error_ratio")
+    base_lat = _no_id("migexport_baseline_statement_latency_seconds")
+    return [
         (
             Chart(
                 "error_ratio",
@@ -140,6 +149,14 @@ def chart_specs(t: Thresholds, migration_id_selector: str) -> list[tuple[Chart, 
                 ),
             ],
         ),
+    ]
+
+
+def _probe_and_connection_charts(t: Thresholds) -> list[tuple[Chart, list[Query]]]:
+    base_p95 = _no_id('migexport_baseline_probe_latency_seconds{quantile="0.95"}', "target, probe")
+    base_conn = _no_id("migexport_baseline_connections")
+    n = series_names(t)
+    return [
         (
             Chart(
                 "probe_p95",
