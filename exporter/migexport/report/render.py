@@ -41,6 +41,8 @@ STATUS_TEXT = {
 def duration_text(seconds: float | None) -> str:
     if seconds is None:
         return "—"
+    if seconds < 1:
+        return f"{seconds:.2f} s"  # an instant ALTER is 0.03 s, not "0.0 s"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, rest = divmod(round(seconds), 60)
