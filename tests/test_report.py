@@ -703,3 +703,29 @@ def test_the_page_escapes_what_it_shows(tmp_path: Path):
     md = render_markdown(data)
     assert "| Error rate change | < 50 % | +50 % | FAIL |" in md, md
     assert "\\| 1" in md
+
+
+def test_a_hand_edited_checks_file_is_shown_not_fatal(tmp_path: Path):
+    from migexport.config import parse_config
+    from migexport.report.data import checks_of
+
+    config = parse_config({"targets": {"primary": "host=db"}}, path=tmp_path / "migexport.yml")
+    doc = {
+        "format": "migexport-checks",
+        "version": 1,
+        "verify": {"migration_id": "m1", "checks": [{"check": "x", "value": "host=db password=hunter2"}, 7]},
+        "preflight": {"migration_id": "other", "at": 1.0, "ok": True, "checks": []},
+    }
+    (tmp_path / "migexport-checks.json").write_text(json.dumps(doc))
+    checks, note = checks_of(config, "m1")
+    assert checks == {
+        "verify": {
+            "at": None,
+            "ok": False,
+            "checks": [
+                {"check": "x", "table": "", "status": "", "value": "host=db password=***", "limit": "", "advice": ""}
+            ],
+            "integrity": None,
+        }
+    }
+    assert "preflight of migration 'other'" in note

@@ -9,6 +9,7 @@ charts on one page never share a clip-path id.
 
 from __future__ import annotations
 
+import html
 import io
 import math
 import re
@@ -70,7 +71,7 @@ def render_svg(
             _legend(ax)
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
-    return _inline(buf.getvalue(), chart.key)
+    return _inline(buf.getvalue(), chart)
 
 
 def _draw(ax: Axes, chart: Chart, start: float, end: float, run: tuple[float, float | None], watch_end: float) -> None:
@@ -135,9 +136,10 @@ _PROLOGUE = re.compile(r"^.*?(?=<svg)", re.DOTALL)
 _METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.DOTALL)
 
 
-def _inline(svg: str, key: str) -> str:
+def _inline(svg: str, chart: Chart) -> str:
     """matplotlib's standalone SVG file -> an element for the page."""
     svg = _PROLOGUE.sub("", svg, count=1)
     svg = _METADATA.sub("", svg)
     # Sized by the page (CSS), labelled for screen readers and for tests that look for every chart.
-    return svg.replace("<svg ", f'<svg role="img" aria-label="{key}" data-chart="{key}" ', 1)
+    label = html.escape(chart.title, quote=True)
+    return svg.replace("<svg ", f'<svg role="img" aria-label="{label}" data-chart="{chart.key}" ', 1)

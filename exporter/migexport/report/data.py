@@ -390,12 +390,27 @@ def checks_of(config: Config, migration_id: str) -> tuple[dict[str, dict[str, An
         reports = read_checks(path)
     except ChecksFileError as exc:
         return {}, str(exc)
-    mine = {k: r for k, r in reports.items() if r.get("migration_id") in (migration_id, "")}
+    mine = {k: _normalised(r) for k, r in reports.items() if r.get("migration_id") in (migration_id, "")}
     others = [f"{k} of migration {r.get('migration_id')!r}" for k, r in reports.items() if k not in mine]
     if not reports:
         return {}, f"{path}: no preflight or verify recorded"
     note = f"{path}: the last recorded is the {', '.join(others)}" if others else ""
     return mine, note
+
+
+def _normalised(report: dict[str, Any]) -> dict[str, Any]:
+    """A report of the checks file with every field the page shows, as text (read_checks checks the file's
+    envelope, not each row: a file edited by hand must not break the page)."""
+    fields = ("check", "table", "status", "value", "limit", "advice")
+    checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
+    integrity = report.get("integrity")
+    at = report.get("at")
+    return {
+        "at": float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None,
+        "ok": report.get("ok") is True,
+        "checks": [{f: redact(str(c.get(f) or "")) for f in fields} for c in checks],
+        "integrity": integrity if isinstance(integrity, dict) and {"passed", "total"} <= set(integrity) else None,
+    }
 
 
 def slower_statements(config: Config) -> tuple[dict[str, Any] | None, str]:
