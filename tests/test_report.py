@@ -729,3 +729,14 @@ def test_a_hand_edited_checks_file_is_shown_not_fatal(tmp_path: Path):
         }
     }
     assert "preflight of migration 'other'" in note
+
+
+def test_without_a_prometheus_or_a_migration_it_says_so(tmp_path: Path):
+    cfg = tmp_path / "migexport.yml"
+    cfg.write_text(yaml.safe_dump({"targets": {"primary": "host=db"}, "migration": {"state_file": "state.json"}}))
+    _one_line_exit_2(cli("report", "-c", str(cfg)), "slis.prometheus_url", "--prometheus-url")
+    with recorder() as nothing:  # answers 404 to everything: the state file is read first
+        _one_line_exit_2(cli("report", "-c", str(cfg), "--prometheus-url", nothing.url), "no migration recorded")
+        assert nothing.requests == []
+    _one_line_exit_2(cli("report"), "--config")
+    _one_line_exit_2(cli("report", "-c", str(cfg), "--prometheus-url", "prometheus:9090"), "http://")
