@@ -740,3 +740,19 @@ def test_without_a_prometheus_or_a_migration_it_says_so(tmp_path: Path):
         assert nothing.requests == []
     _one_line_exit_2(cli("report"), "--config")
     _one_line_exit_2(cli("report", "-c", str(cfg), "--prometheus-url", "prometheus:9090"), "http://")
+
+
+def test_the_charts_show_the_migration_dashboards_series():
+    """Every series a chart queries is one the Migration dashboard's panels query, with the same recording-rule
+    names for the same rate window (here not the default: the names carry it)."""
+    from migexport.dashboards import render as render_dashboards
+
+    t = Thresholds(rate_window_seconds=20.0)
+    dashboard = render_dashboards(t)["migration.json"]
+    names = re.compile(r"\bmigexport(?::[a-z0-9_]+)+|\bmigexport_[a-z0-9_]+")
+    on_dashboard = set(names.findall(dashboard))
+    charted = {
+        name for _, queries in chart_specs(t, 'migration_id="m"') for q in queries for name in names.findall(q.expr)
+    }
+    assert charted - on_dashboard == set(), charted - on_dashboard
+    assert "migexport:statement_latency_seconds:rate20s" in charted
