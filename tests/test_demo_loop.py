@@ -11,6 +11,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -89,7 +90,21 @@ def _start_demo(tmp: Path) -> Demo:
             break
     missing = set(LINES) - set(demo.found)
     assert not missing, f"the demo did not print {missing}: {demo.lines} {stderr.read_text()[-2000:]}"
+    # The rest of its output (baseline ready, reports written) is collected as it comes.
+    threading.Thread(target=lambda: demo.lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     return demo
+
+
+def _printed(demo: Demo, pattern: str, timeout: float, what: str) -> re.Match:
+    found: list[re.Match] = []
+
+    def seen() -> bool:
+        found[:] = [m for line in list(demo.lines) if (m := re.search(pattern, line))]
+        assert demo.proc.poll() is None, f"the demo ended: {demo.lines} {demo.stderr.read_text()[-2000:]}"
+        return bool(found)
+
+    wait_for(seen, timeout=timeout, what=what)
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -120,20 +135,8 @@ def test_the_demo_prints_its_servers_and_scripts_and_prometheus_has_its_rules(de
     assert "migexport:success_criterion:passed" in "".join(demo.lines)
     with urllib.request.urlopen(demo.found["alertmanager"] + "/-/ready", timeout=5) as resp:
         assert resp.status == 200
-    wait_for(
-        lambda: any(line.startswith("baseline: ready") for line in demo.lines) or _read_line(demo),
-        timeout=40,
-        what="the demo's baseline",
-    )
-
-
-def _read_line(demo: Demo) -> bool:
-    """Read one more line of the demo's output (it prints when the baseline is ready)."""
-    line = demo.proc.stdout.readline()
-    demo.lines.append(line)
-    assert line, f"the demo ended: {demo.lines} {demo.stderr.read_text()[-2000:]}"
-    assert not line.startswith("baseline: not captured"), line
-    return line.startswith("baseline: ready")
+    _printed(demo, r"^baseline: (ready|not captured)", timeout=40, what="the demo's baseline")
+    assert not any(line.startswith("baseline: not captured") for line in demo.lines), demo.lines
 
 
 def test_the_clean_migration_fills_in_the_success_criteria(demo: Demo) -> None:
@@ -145,6 +148,12 @@ def test_the_clean_migration_fills_in_the_success_criteria(demo: Demo) -> None:
     # Deterministic for an instant ALTER TABLE; the two changes against the baseline depend on the host's load.
     assert passed["duration"] == 1 and passed["rollback_required"] == 1, (passed, demo.criteria("demo-clean", "actual"))
     assert "data_integrity" not in passed  # reserved: no data until a verification feeds it
+    # The demo writes its report soon after the end (the window still open), through its config file.
+    report = _printed(demo, r"^report: (/\S+/demo-clean-\d+\.html) \(", timeout=40, what="demo-clean's report")
+    page = Path(report.group(1))
+    assert page.exists() and "<svg" in page.read_text()
+    summary = page.with_suffix(".md").read_text()
+    assert "Migration duration" in summary and "demo-clean" in summary
 
 
 def test_the_stuck_migration_fires_its_lock_alerts_in_the_demos_prometheus(demo: Demo) -> None:
@@ -212,7 +221,7 @@ def test_ctrl_c_stops_the_servers_and_clusters_and_removes_the_temp_directory(de
     assert base.name.startswith("migexport-demo-") and base.exists()
     demo.proc.send_signal(signal.SIGINT)  # Ctrl-C (test_demo.py sends SIGTERM)
     assert demo.proc.wait(timeout=60) == 0, demo.stderr.read_text()[-2000:]
-    assert "stopped" in demo.proc.stdout.read()
+    wait_for(lambda: any("stopped" in line for line in demo.lines), timeout=10, what="the demo to say it stopped")
     assert not base.exists(), "the demo's temp directory must be removed"
     for key in ("prometheus", "alertmanager", "metrics"):
         with pytest.raises((urllib.error.URLError, ConnectionError)):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from migexport import localpg
-from migexport.demo import monitoring, scripts
+from migexport.demo import monitoring, reports, scripts
 from migexport.dsn import Target
 from migexport.service import Exporter, ServeSettings
 from migexport.workload import Workload
@@ -110,6 +110,11 @@ def _run(
         query = monitoring.CRITERIA_QUERY
         say(f"criteria: {prom}/graph?g0.expr={query}&g0.tab=1  (the success criteria: query {query})")
         say(f"rules: {work / 'migexport.rules.yml'} (demo thresholds: alerts fire after seconds, not minutes)")
+        config = reports.write_config(work, targets, migration, baseline_path, prom)
+        reporter = reports.Reporter(config, say, stop).start()
+        stack.callback(reporter.close)
+        say(f"config: {config} (try: migexport report -c {config} --id demo-clean)")
+        say(f"reports: {config.parent / 'reports'} (each migration's page, when it ends and when its window closes)")
 
     paths = scripts.write_scripts(work, primary, migration)
     say("scripted migrations (run one in another terminal, then watch the alerts):")
