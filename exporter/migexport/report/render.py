@@ -117,7 +117,7 @@ def slower_rows(slower: dict[str, Any] | None) -> list[dict[str, Any]]:
             "mean_now": _seconds(s.get("mean_now_seconds")),
             "ratio": f"× {s['ratio']:.1f}" if isinstance(s.get("ratio"), int | float) else "—",
             "since_reset": s.get("mean_now_source") == "since_reset",
-            "query": (s.get("query") or "(text not captured)") + (" …" if s.get("query_truncated") else ""),
+            "query": s.get("query") or "(text not captured)",  # a cut text already ends in "…"
         }
         for s in (slower or {}).get("slower", [])
     ]
@@ -133,7 +133,7 @@ def new_rows(slower: dict[str, Any] | None) -> list[dict[str, Any]]:
             "calls": _count(s.get("calls")),
             "mean": _seconds(s.get("mean_seconds")),
             "total": _seconds(s.get("total_exec_seconds")),
-            "query": (s.get("query") or "(text not read)") + (" …" if s.get("query_truncated") else ""),
+            "query": s.get("query") or "(text not read)",  # a cut text already ends in "…"
         }
         for s in (slower or {}).get("new", [])
     ]
