@@ -533,3 +533,21 @@ def test_the_example_secret_is_clearly_not_real():
         for value in secret["stringData"].values():
             assert "CHANGE-ME" in value
             assert re.search(r"@[\w.-]+\.invalid:", value) or "://" not in value
+
+
+def test_the_readme_describes_these_manifests(built):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Kubernetes") :]
+    section = section[: section.index("\n## ")]
+    assert "kubectl apply -k deploy/kubernetes" in section
+    # Every file of the directory in the table, and nothing the directory lacks.
+    named = set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
+    present = {p.name for p in KUBE.glob("*.y*ml")} | {"dashboards/*.json"}
+    assert named == present
+    # The commands create the Secrets and ConfigMap the pods mount, with the keys they read.
+    dsn_keys = set(re.findall(r"--from-literal=(\w+)=", section.split("generic migexport-dsn", 1)[1].split("```")[0]))
+    assert dsn_keys == set(yaml.safe_load(config_text(built))["targets"])
+    for name in ("migexport-dsn", "migexport-migration", "migexport-migrations"):
+        assert f"create secret generic {name}" in section or f"create configmap {name}" in section
+    assert "kubectl create -f deploy/kubernetes/migration-job.yaml" in section
+    assert f"job/{job()['metadata']['name']}" in section
