@@ -8,6 +8,10 @@ shell) and ends the migration's sessions on the database server too, SIGINT/SIGT
 command (and end its sessions), the exit status is the command's own (124 on timeout, as with
 timeout(1)), and the state (running, succeeded, failed, timed out) is published to the state file
 that `migexport serve` reads, with a heartbeat so that a `run` killed without a trace is seen as lost.
+
+It also survives its environment: a log that cannot be written (disk full, quota, permission) never
+stops or blocks the command (its output goes on to stdout, the failure is said once and recorded in
+the state), and an exclusive lock next to the state file makes two runs of one state file impossible.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
+import json
 import os
 import shlex
 import shutil
@@ -27,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import psycopg
 import psycopg.errors
@@ -59,6 +65,10 @@ KILL_GRACE_SECONDS = 5.0
 END_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Strings recorded in the state file are cut to this (the reader refuses longer ones).
 MAX_RECORDED_TEXT = 500
+# The copier reads the command's output in lines of at most this many bytes (a command that writes
+# megabytes without a newline must not grow a line in memory).
+COPY_LINE_MAX = 64 * 1024
+LOCK_SUFFIX = ".lock"
 
 
 class RunError(RuntimeError):
@@ -243,6 +253,88 @@ class ServerControl:
 # --- The run -------------------------------------------------------------------------------------
 
 
+# --- One run per state file ----------------------------------------------------------------------
+#
+# Reading the state file and then writing "running" is not atomic: two runs started together both
+# read "not running" and both start. An flock() on a file next to the state file (the state file itself
+# is replaced by rename at every write, so its inode changes) is taken without waiting before anything
+# else and held until the run's end is recorded: the second run fails at once. The kernel drops the
+# lock when its holder dies however it dies, so a lock file left behind by a killed run blocks nobody;
+# it is never deleted (deleting a lock file lets a third run lock a new inode while the first holds the
+# old one). The lock file holds the holder's pid and host, to name it before its state is written.
+
+
+def lock_path(state_path: Path) -> Path:
+    return state_path.with_name(state_path.name + LOCK_SUFFIX)
+
+
+class RunLock:
+    """The exclusive lock of a state file for one run's life; acquire() or RunError naming the holder."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, state_path: Path) -> RunLock:
+        path = lock_path(state_path)
+        flags = os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | flags, 0o644)
+            except PermissionError:  # another user's lock file: locking needs no write access
+                fd = os.open(path, os.O_RDONLY | flags, 0o644)
+        except OSError as exc:
+            raise RunError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(state_path, fd)
+            os.close(fd)
+            raise RunError(holder) from None
+        except OSError as exc:  # e.g. ENOLCK: a filesystem without locks cannot keep two runs apart
+            os.close(fd)
+            raise RunError(
+                f"cannot lock {path}: {exc.strerror or exc} (put the state file on a filesystem with locks)"
+            ) from None
+        machine = this_machine()
+        holder_record = {"pid": os.getpid(), "host": machine.host, "since": int(time.time())}
+        with contextlib.suppress(OSError):  # naming ourselves is a courtesy, not a condition
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder_record) + "\n").encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor releases the flock
+            self.fd = -1
+
+
+def _lock_holder(state_path: Path, fd: int) -> str:
+    """The one line for a run refused by the lock: the holder as the state file names it, else as the
+    lock file does (a run still in its preflight has not written its state yet)."""
+    try:
+        state = read_state(state_path)
+    except StateError:
+        state = None
+    if state is not None and state.in_progress:
+        where = f"pid {state.pid} on {state.host}" if state.host else f"pid {state.pid}"
+        return f"migration {state.migration_id!r} is still running ({where}, state file {state_path})"
+    who = "holder unknown"
+    deadline = time.monotonic() + 1.0  # the holder writes its name just after it took the lock
+    while time.monotonic() < deadline:
+        try:
+            raw = json.loads(os.pread(fd, 512, 0))
+            who = f"pid {int(raw['pid'])} on {str(raw['host'])[:100]} since {_stamp(float(raw['since']))}"
+            break
+        except (OSError, ValueError, TypeError, KeyError):
+            time.sleep(0.02)
+    return (
+        f"another migexport run of state file {state_path} is still running ({who}; it holds "
+        f"{lock_path(state_path)} and has not started its command yet)"
+    )
+
+
 def check_not_running(state_path: Path) -> str | None:
     """Refuse to start while the state file says another migration is running and its `run` is alive
     (here: its pid; elsewhere: its heartbeat). A lost one is replaced: returns the warning to give."""
@@ -265,13 +357,84 @@ def check_not_running(state_path: Path) -> str | None:
     )
 
 
-def _copy_output(source, log: TextIO, echo: Callable[[str], None]) -> None:
-    """Tee the command's combined output to the log (flushed per line) and our stdout."""
-    for raw in iter(source.readline, b""):
-        line = raw.decode("utf-8", errors="replace")
-        log.write(line)
-        log.flush()
-        echo(line)
+class _Log:
+    """The migration log, appended line by line without buffering. A write that fails (disk full, quota,
+    permission, I/O error) never stops the migration: the failure is said once (stderr, and to
+    `on_failure`, which records it in the state), later lines are left out of the log (they still reach
+    stdout), and at close one line says what is missing, if the disk takes it by then."""
+
+    def __init__(self, path: Path, fd: int, warn: Callable[[str], None]) -> None:
+        self.path, self.fd, self.warn = path, fd, warn
+        self.lock = threading.Lock()
+        self.error: str | None = None  # the first failure, as recorded in the state
+        self.failed_at: float | None = None
+        self.dropped = 0  # lines left out since
+        self.on_failure: Callable[[str], None] | None = None
+
+    @classmethod
+    def open(cls, path: Path, warn: Callable[[str], None]) -> _Log:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(path, os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666), warn)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            if self.error is not None:
+                self.dropped += text.count("\n") or 1
+                return
+            try:
+                self._write_all(text.encode("utf-8", errors="replace"))
+                return
+            except OSError as exc:
+                self.failed_at = time.time()
+                self.error = f"cannot write the migration log {self.path}: {exc.strerror or exc} (errno {exc.errno})"
+                self.dropped += max(text.count("\n"), 1)
+        # Outside the lock: the callbacks write the state and stderr, never this log.
+        with contextlib.suppress(Exception):
+            self.warn(f"warning: {self.error}; the command's output goes on to stdout only")
+        if self.on_failure is not None:
+            with contextlib.suppress(Exception):
+                self.on_failure(self.error)
+
+    def flush(self) -> None:
+        """Nothing is buffered (TextIO compatibility)."""
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self.error is not None and self.failed_at is not None:
+            with contextlib.suppress(OSError):  # the disk may have room again: explain the gap
+                self._write_all(
+                    f"[migexport: this log is incomplete: {self.dropped} line(s) from {_stamp(self.failed_at)} on "
+                    f"were not written ({self.error})]\n".encode("utf-8", errors="replace")
+                )
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _copy_output(source, log: _Log, echo: Callable[[str], None], warn: Callable[[str], None]) -> None:
+    """Tee the command's combined output to the log and our stdout. The pipe is drained whatever happens
+    to either: a command whose pipe fills up blocks on its next write until the time limit."""
+    echoing = True
+    try:
+        for raw in iter(lambda: source.readline(COPY_LINE_MAX), b""):
+            line = raw.decode("utf-8", errors="replace")
+            log.write(line)  # never raises
+            if echoing:
+                try:
+                    echo(line)
+                except (OSError, ValueError) as exc:  # stdout closed (| head), or its disk full
+                    echoing = False
+                    reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+                    warn(f"warning: cannot write the command's output to stdout: {reason}; it goes on to the log only")
+    except Exception:  # whatever went wrong here, the command must not block on a full pipe
+        with contextlib.suppress(Exception):
+            while source.read(COPY_LINE_MAX):
+                pass
 
 
 def _kill_group(pgid: int, proc: subprocess.Popen) -> None:
@@ -349,8 +512,27 @@ class _StateWriter:
                 failing = True
 
     def end(self, **changes: Any) -> None:
+        """Record the end. A state file that cannot be written (its disk full too) is said, not raised:
+        the command is over and its exit status is what matters now."""
         self.stopped.set()
-        self.publish(final=True, **changes)
+        try:
+            self.publish(final=True, **changes)
+        except OSError as exc:
+            with self.lock:
+                self.ended = True
+            self.warn(
+                f"cannot record the end in the state file {self.path}: {exc.strerror}; serve will call this run lost"
+            )
+
+    def note(self, **changes: Any) -> None:
+        """Record something that happened meanwhile (a log failure), running or ended; never raises."""
+        try:
+            if self.ended:
+                self.amend(**changes)
+            else:
+                self.publish(**changes)
+        except OSError as exc:
+            self.warn(f"cannot update the state file {self.path}: {exc.strerror}")
 
     def amend(self, **changes: Any) -> None:
         """After the end: add what came later (the verification) without touching the rest."""
@@ -379,7 +561,7 @@ class _Run:
         self,
         command: list[str],
         base: MigrationState,
-        log: TextIO,
+        log: _Log,
         state_path: Path,
         control: ServerControl | None,
         echo: Callable[[str], None],
@@ -388,6 +570,7 @@ class _Run:
         self.command, self.base, self.log, self.control = command, base, log, control
         self.echo, self.warn = echo, warn
         self.writer = _StateWriter(state_path, base, self.say_warning)
+        log.on_failure = lambda error: self.writer.note(log_error=_clip(error))
         self.forwarded: list[int] = []
         self.proc: subprocess.Popen | None = None
         self.cancel: dict[str, Any] | None = None  # what ending the sessions on the server did
@@ -573,21 +756,33 @@ class _Run:
         try:
             self.check_server()
             proc = self.spawn()
-            self.writer.publish(command_pid=proc.pid)
-            self.writer.start_heartbeat()
-            copier = threading.Thread(target=_copy_output, args=(proc.stdout, self.log, self.echo), daemon=True)
+            copier = threading.Thread(
+                target=_copy_output, args=(proc.stdout, self.log, self.echo, self.warn), daemon=True
+            )
             copier.start()
-            timed_out = self.wait(proc)
-            if timed_out:
-                self.say(
-                    f"time limit of {self.base.time_budget_seconds:g}s reached: ending the migration's sessions "
-                    f"on the server, then killing the process group"
-                )
-                self.end_on_server("time limit")
-                _kill_group(proc.pid, proc)
-            if timed_out or self.forwarded:
-                # Again once the client is gone: a tool that reconnected in between must not stay behind.
-                self.end_on_server("time limit" if timed_out else signal.Signals(self.forwarded[0]).name)
+            try:
+                self.writer.note(command_pid=proc.pid)
+                self.writer.start_heartbeat()
+                timed_out = self.wait(proc)
+                if timed_out:
+                    self.say(
+                        f"time limit of {self.base.time_budget_seconds:g}s reached: ending the migration's "
+                        f"sessions on the server, then killing the process group"
+                    )
+                    self.end_on_server("time limit")
+                    _kill_group(proc.pid, proc)
+                if timed_out or self.forwarded:
+                    # Again once the client is gone: a tool that reconnected in between must not stay behind.
+                    self.end_on_server("time limit" if timed_out else signal.Signals(self.forwarded[0]).name)
+            except BaseException as exc:
+                # Whatever failed here, the command must not outlive its supervisor, and the state must
+                # not say "running" for ever.
+                if proc.poll() is None:
+                    _kill_group(proc.pid, proc)
+                rc = proc.returncode
+                self.writer.end(status=FAILED, ended_at=time.time(), exit_code=None if rc is None else abs(rc))
+                self.say(f"error: run failed while the command ran: {type(exc).__name__}: {redact(str(exc))[:200]}")
+                raise
             # A grandchild that escaped the group may still hold the pipe open: do not wait forever.
             copier.join(timeout=KILL_GRACE_SECONDS)
         finally:
@@ -596,13 +791,13 @@ class _Run:
         return self.finish(proc, timed_out)
 
 
-def _log_lines(log: TextIO, echo: Callable[[str], None], text: str) -> None:
+def _log_lines(log: _Log, echo: Callable[[str], None], text: str) -> None:
     log.write(text + "\n")
     log.flush()
     echo(text + "\n")
 
 
-def _preflight(around: Around, log: TextIO, echo: Callable[[str], None]) -> dict[str, Any] | None:
+def _preflight(around: Around, log: _Log, echo: Callable[[str], None]) -> dict[str, Any] | None:
     """The go / no-go before anything starts: the table into the log (and on screen); RunError on no-go."""
     if around.preflight is None:
         return None
@@ -616,7 +811,7 @@ def _preflight(around: Around, log: TextIO, echo: Callable[[str], None]) -> dict
     return summary
 
 
-def _snapshot(around: Around, log: TextIO, warn: Callable[[str], None]) -> str | None:
+def _snapshot(around: Around, log: _Log, warn: Callable[[str], None]) -> str | None:
     """The affected tables before the command. Without it verify can still check validity, so a failure
     is a warning, not a reason to hold the migration."""
     if around.snapshot is None:
@@ -655,11 +850,44 @@ def run_migration(
     one exits 3); each logged, summarised in the state file."""
     if not command:
         raise RunError("no command given: migexport run [OPTIONS] -- COMMAND [ARGS...]")
+    lock = RunLock.acquire(state_path)  # before anything: a second run stops here, at once
+    try:
+        return _run_locked(
+            command,
+            migration_id,
+            time_budget_seconds,
+            watch_window_seconds,
+            log_path,
+            state_path,
+            server,
+            echo,
+            warn,
+            environ,
+            around,
+            lock,
+        )
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    command: list[str],
+    migration_id: str,
+    time_budget_seconds: float,
+    watch_window_seconds: float,
+    log_path: Path,
+    state_path: Path,
+    server: ServerSide | None,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+    environ: Mapping[str, str],
+    around: Around,
+    lock: RunLock,
+) -> int:
     previous = check_not_running(state_path)
     control = ServerControl(server, environ) if server is not None else None  # a bad DSN stops us here
     try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
+        log = _Log.open(log_path, warn)
     except OSError as exc:
         raise RunError(f"cannot open migration log {log_path}: {exc.strerror}") from None
     try:
@@ -681,11 +909,14 @@ def run_migration(
         pid_namespace=machine.pid_namespace,
         heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,
         preflight=preflight,
+        log_error=_clip(log.error),
     )
     try:
         run = _Run(command, base, log, state_path, control, echo, warn)
         code = run.execute(previous, snapshot_note)
         code = run.verify(around.verify) if code == 0 and around.verify else code
+        # The state is final: the next migration may start while this one waits for its report.
+        lock.release()
         if around.report:
             run.report_after_window(around.report)
         return code

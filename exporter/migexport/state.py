@@ -119,6 +119,9 @@ class MigrationState:
     # {"result": "passed"|"failed"|"error", "at": N, "failed": "...", "integrity": "3/4"}.
     preflight: dict[str, Any] | None = field(default=None)
     verify: dict[str, Any] | None = field(default=None)
+    # The first write to the migration log that failed (disk full, permission...): the log is incomplete
+    # from then on; the command's output went on to stdout.
+    log_error: str | None = None
 
     @property
     def in_progress(self) -> bool:
@@ -308,4 +311,5 @@ def read_state(path: Path) -> MigrationState | None:
         server_cancel=f.record("server_cancel"),
         preflight=f.record("preflight"),
         verify=f.record("verify"),
+        log_error=f.text("log_error", max_len=1000),
     )
