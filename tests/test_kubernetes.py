@@ -14,13 +14,15 @@
 - the ConfigMap's migexport.yml passes migexport's own config validation, with every path inside a
   mount of the pod that uses it, and a real `migexport serve` of that config answers every probe path
   within the probe's timeout, in less memory than the Deployment requests;
-- the Job runs `migexport run -c CONFIG -- ...` on the exporter's state volume.
+- the Job runs `migexport run -c CONFIG -- ...` on the exporter's state volume: its command, run on a
+  real primary, migrates and verifies, and the Deployment's `serve` then reports that migration.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,7 +36,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import monitor_dsn, require_binary, running
+from conftest import MONITOR_ROLE, monitor_dsn, require_binary, running, scrape, value
 from migexport import localpg
 from migexport.config import Config, load_config
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, HEADER, render, rule_groups
@@ -530,9 +532,9 @@ def test_the_job_runs_migexport_run_on_the_exporters_state_volume(built):
 def test_the_example_secret_is_clearly_not_real():
     for secret in standalone("secret.example.yaml"):
         assert secret["kind"] == "Secret" and "data" not in secret
-        for value in secret["stringData"].values():
-            assert "CHANGE-ME" in value
-            assert re.search(r"@[\w.-]+\.invalid:", value) or "://" not in value
+        for text in secret["stringData"].values():
+            assert "CHANGE-ME" in text
+            assert re.search(r"@[\w.-]+\.invalid:", text) or "://" not in text
 
 
 def test_the_readme_describes_these_manifests(built):
@@ -551,3 +553,64 @@ def test_the_readme_describes_these_manifests(built):
         assert f"create secret generic {name}" in section or f"create configmap {name}" in section
     assert "kubectl create -f deploy/kubernetes/migration-job.yaml" in section
     assert f"job/{job()['metadata']['name']}" in section
+
+
+def test_the_jobs_migration_is_what_the_deployments_exporter_reports(built, pg, tmp_path: Path):
+    """The Job's command (with --skip-preflight: the test cluster archives no WAL) on a real primary,
+    then the Deployment's `serve` on the same state directory: both pods' configs, one volume."""
+    database, role = "k8s_app", job_env()["PGUSER"]
+    with pg.primary.connect() as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+    with pg.primary.connect(dbname=database) as conn:
+        conn.execute(f"CREATE SCHEMA shop AUTHORIZATION {role}")
+        conn.execute(f"SET ROLE {role}")
+        conn.execute(
+            "CREATE TABLE shop.orders (id bigserial PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute("INSERT INTO shop.orders (created_at) SELECT now() FROM generate_series(1, 100)")
+        conn.execute(f"GRANT USAGE ON SCHEMA shop TO {MONITOR_ROLE}; GRANT SELECT ON shop.orders TO {MONITOR_ROLE}")
+    dsns = {"primary": monitor_dsn(pg.primary, database), "replica": monitor_dsn(pg.replicas[0], database)}
+    port = localpg.free_port()
+    config = pod_config(config_text(built), tmp_path, dsns, listen=f"127.0.0.1:{port}")
+    # The Job's arguments, its paths moved like the config's.
+    args = [a.replace(CONFIG_FILE, str(config)).replace("/migrations/", f"{tmp_path}/migrations/") for a in job_args()]
+    args.insert(3, "--skip-preflight")
+    secret = one(standalone("secret.example.yaml"), "Secret", "migexport-migration")
+    env = {
+        **os.environ,
+        **job_env(),
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(pg.primary.port),
+        "PGDATABASE": database,
+        "PGPASSWORD": secret["stringData"]["password"],  # trust auth here: any value passes
+        "HOME": str(tmp_path),
+    }
+    migexport = str(Path(sys.executable).parent / "migexport")
+    proc = subprocess.run([migexport, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state_dir = tmp_path / "var/lib/migexport"
+    written = {p.name for p in state_dir.iterdir()}
+    assert {"migexport-state.json", "migration.log", "migexport-snapshot.json", "migexport-checks.json"} <= written
+    migration_id = yaml.safe_load(config_text(built))["migration"]["id"]
+    (container,) = pod_spec(one(built, "Deployment"))["containers"]
+    url = f"http://127.0.0.1:{port}"
+    with running([migexport, *container["args"][:-1], str(config)], tmp_path / "serve.log", url + "/", "serve"):
+        metrics = scrape(url)
+    assert value(metrics, "migexport_migration_state_readable", migration_id=migration_id) == 1
+    assert value(metrics, "migexport_migration_start_timestamp_seconds", migration_id=migration_id) > 0
+    assert value(metrics, "migexport_migration_in_progress", migration_id=migration_id) == 0
+    assert value(metrics, "migexport_migration_failed", migration_id=migration_id) == 0
+    assert value(metrics, "migexport_migration_exit_code", migration_id=migration_id) == 0
+    assert value(metrics, "migexport_migration_watch_active", migration_id=migration_id) == 1
+
+
+def job_args() -> list[str]:
+    (container,) = pod_spec(job())["containers"]
+    return container["args"]
+
+
+def job_env() -> dict[str, str]:
+    (container,) = pod_spec(job())["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
