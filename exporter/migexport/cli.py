@@ -29,6 +29,7 @@ from migexport.state import write_atomic
 from migexport.targets import SessionSettings
 from migexport.topstatements import TOP_STATEMENTS
 from migexport.units import parse_duration, parse_listen
+from migexport.web_config import WebConfigError, load_web_config
 
 EXIT_USAGE = 2
 
@@ -104,6 +105,13 @@ CONFIG_OPTION = click.option(
     "migexport_verify_* and migexport_data_integrity_ratio.  [default: the config's migration.checks_file]",
 )
 @click.option(
+    "--web.config.file",
+    "web_config_file",
+    metavar="FILE",
+    help="TLS and basic auth for /metrics, in the Prometheus exporters' web config format (tls_server_config, "
+    "basic_auth_users with bcrypt hashes); re-read when it changes.  [default: the config's web_config_file; none]",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def serve(
@@ -117,6 +125,7 @@ def serve(
     baseline_path: str | None,
     state_file: str | None,
     checks_file: str | None,
+    web_config_file: str | None,
     log_level: str,
 ) -> None:
     """Serve lock, replication, connection, error, latency, baseline, migration and preflight/verify metrics."""
@@ -145,6 +154,13 @@ def serve(
         settings.state_path = Path(state_file)
     if checks_file is not None:
         settings.checks_path = Path(checks_file)
+    if web_config_file is not None:
+        settings.web_config_path = Path(web_config_file)
+    if settings.web_config_path is not None:
+        try:
+            settings.web_config = load_web_config(settings.web_config_path)
+        except WebConfigError as exc:
+            raise UserError(*exc.problems) from None
     _setup_logging(log_level)
     try:
         exporter = Exporter(settings).start()

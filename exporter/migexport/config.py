@@ -222,6 +222,8 @@ class Config:
     lock_timeout_seconds: float = 0.1
     application_name: str = "migexport"
     baseline_file: str = "baseline.json"
+    # TLS and basic auth on /metrics (exporter-toolkit format, see web_config.py); "": plain HTTP, open.
+    web_config_file: str = ""
     migration: Migration = field(default_factory=Migration)
     thresholds: Thresholds = field(default_factory=Thresholds)
     probes: tuple[Probe, ...] = ()
@@ -326,6 +328,7 @@ TOP_KEYS = {
     "lock_timeout",
     "application_name",
     "baseline_file",
+    "web_config_file",
     "migration",
     "thresholds",
     "probes",
@@ -655,6 +658,7 @@ def parse_config(
         lock_timeout_seconds=r.duration(top.get("lock_timeout"), "lock_timeout", 0.1),
         application_name=r.string(top.get("application_name"), "application_name", "migexport"),
         baseline_file=r.string(top.get("baseline_file"), "baseline_file", "baseline.json"),
+        web_config_file=r.string(top.get("web_config_file"), "web_config_file", ""),
         migration=_migration(r, top.get("migration"), names),
         thresholds=_thresholds(r, top.get("thresholds")),
         probes=tuple(_probes(r, top.get("probes"), names)),
@@ -708,6 +712,7 @@ statement_timeout: 2s       # of the exporter's own sessions
 lock_timeout: 100ms         # of the exporter's own sessions: it never queues behind DDL
 application_name: migexport
 baseline_file: baseline.json
+# web_config_file: web.yml  # TLS and basic auth on /metrics (the Prometheus exporters' web config format)
 
 migration:
   id: add-orders-status            # label on every migration metric and alert

@@ -23,6 +23,7 @@ from migexport.http import MetricsServer
 from migexport.probes import ProbeMetrics, ProbeRunner
 from migexport.targets import SessionSettings
 from migexport.units import parse_listen
+from migexport.web_config import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class ServeSettings:
     checks_path: Path | None = None
     probes: tuple[Probe, ...] = ()
     apps: tuple[App, ...] = ()
+    # TLS and basic auth (--web.config.file); the path is read by the caller, which reports a bad file.
+    web_config_path: Path | None = None
+    web_config: WebConfig | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> ServeSettings:
@@ -65,6 +69,7 @@ class ServeSettings:
             checks_path=config.resolve(config.migration.checks_file),
             probes=config.probes,
             apps=config.apps,
+            web_config_path=config.resolve(config.web_config_file) if config.web_config_file else None,
         )
 
     def migration_target(self) -> str:
@@ -123,15 +128,20 @@ class Exporter:
         return collectors
 
     def start(self) -> Exporter:
+        web = self.settings.web_config or WebConfig()
         self.server = MetricsServer(
-            self.settings.host, self.settings.port, self.registry, [t.name for t in self.settings.targets]
+            self.settings.host, self.settings.port, self.registry, [t.name for t in self.settings.targets], web
         ).start()
         if self.probes is not None:
             self.probes.start()
+        everywhere = " (all interfaces)" if self.settings.host in ("0.0.0.0", "::", "") else ""
         log.info(
-            "serving metrics on http://%s:%d/metrics for %s",
+            "serving metrics on %s://%s:%d/metrics%s with %s for %s",
+            self.server.scheme,
             self.settings.host,
             self.server.port,
+            everywhere,
+            web.describe(),
             ", ".join(t.name for t in self.settings.targets),
         )
         return self
@@ -144,7 +154,7 @@ class Exporter:
             host = "127.0.0.1"
         elif ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.server.port}"
+        return f"{self.server.scheme}://{host}:{self.server.port}"
 
     def stop(self) -> None:
         if self.server is not None:
