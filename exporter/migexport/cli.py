@@ -21,7 +21,7 @@ from migexport.baseline import capture as capture_baseline
 from migexport.baseline_file import BaselineError, read_baseline, write_baseline
 from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, Thresholds, load_config
 from migexport.dashboards import render as render_dashboards
-from migexport.dsn import TargetError, parse_targets, redact
+from migexport.dsn import TargetError, parse_targets, redact, split_targets
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, render
 from migexport.run import Around, RunError, ServerSide, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
@@ -89,7 +89,8 @@ CONFIG_OPTION = click.option(
     multiple=True,
     metavar="NAME=DSN",
     help="A database to watch, repeatable (added to the config's). DSN is a libpq string or URI, or env:VAR, "
-    "or file:PATH (keeps passwords off the command line). Also read from MIGEXPORT_TARGETS (space-separated).",
+    "or file:PATH (keeps passwords off the command line). Also read from MIGEXPORT_TARGETS (space-separated; "
+    "a keyword DSN may keep its spaces: p=host=db password=x, or quoted).",
 )
 @click.option("--listen", help=f"HOST:PORT to serve /metrics on.  [default: :{DEFAULT_PORT}]")
 @click.option("--scrape-timeout", help="A scrape returns by then even if a database hangs.  [default: 5s]")
@@ -130,7 +131,10 @@ def serve(
 ) -> None:
     """Serve lock, replication, connection, error, latency, baseline, migration and preflight/verify metrics."""
     config = _load_config(config_path)
-    specs = list(target_specs) + os.environ.get("MIGEXPORT_TARGETS", "").split()
+    try:  # keyword DSNs keep their spaces; an error never quotes the value
+        specs = list(target_specs) + split_targets(os.environ.get("MIGEXPORT_TARGETS", ""))
+    except TargetError as exc:
+        raise UserError(str(exc)) from None
     if config is None and not specs:
         raise UserError("no target: give --target NAME=DSN (or NAME=env:VAR, NAME=file:PATH) or --config FILE")
     try:

@@ -22,7 +22,6 @@ import errno
 import fcntl
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -39,7 +38,7 @@ import psycopg
 import psycopg.errors
 
 from migexport.checks.result import Report, Status, render_table
-from migexport.dsn import TargetError, password_of, redact, resolve_source, validate_dsn
+from migexport.dsn import TargetError, password_of, redact, redact_command, resolve_source, validate_dsn
 from migexport.state import (
     FAILED,
     HEARTBEAT_INTERVAL_SECONDS,
@@ -739,7 +738,7 @@ class _Run:
     def execute(self, previous: str | None, snapshot_note: str | None = None) -> int:
         self.say(f"Migration started at {_stamp(self.base.started_at)}")
         self.say(
-            f"migration {self.base.migration_id}: {shlex.join(self.command)} "
+            f"migration {self.base.migration_id}: {redact_command(self.command)} "
             f"(time limit {self.base.time_budget_seconds:g}s)"
         )
         if snapshot_note:
