@@ -382,3 +382,15 @@ def test_readme_example_web_config_is_accepted(pki: Pki, tmp_path: Path):
     path.write_text(yaml.safe_dump(doc))
     config = load_web_config(path)
     assert config.tls is not None and config.auth is not None and len(config.headers) == 2
+
+
+def test_basic_auth_without_tls_works_and_warns(tmp_path: Path):
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  {USER}: '{hashed}'\n")
+    with serve("--target", "a=host=127.0.0.1 port=1", "--web.config.file", str(web)) as served:
+        assert request(served.port, None)[0] == 401
+        assert request(served.port, None, (USER, PASSWORD))[0] == 200
+    stderr = served.stop()
+    assert "basic auth without TLS: passwords cross the network in clear text" in stderr
+    assert PASSWORD not in stderr

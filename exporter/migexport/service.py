@@ -144,6 +144,8 @@ class Exporter:
             web.describe(),
             ", ".join(t.name for t in self.settings.targets),
         )
+        if web.auth is not None and web.tls is None:
+            log.warning("basic auth without TLS: passwords cross the network in clear text; add tls_server_config")
         return self
 
     @property
