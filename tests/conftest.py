@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -45,7 +46,7 @@ def pg() -> Iterator[localpg.LocalSetup]:
         pytest.fail(INSTALL_HINT, pytrace=False)
     with localpg.local_setup(replicas=1, prefix="migexport-test-") as setup:
         with setup.primary.connect() as conn:
-            conn.execute(f"CREATE ROLE {MONITOR_ROLE} LOGIN CONNECTION LIMIT 10 IN ROLE pg_monitor")
+            conn.execute(exporter_role_sql(MONITOR_ROLE))  # the README's recipe, nothing else
         yield setup
 
 
@@ -336,3 +337,17 @@ def ddl_lock_queue(cluster: localpg.LocalCluster, table: str, alter_app: str, re
             b.thread.join(timeout=10)
             b.conn.close()
     assert not any(b.error for b in blocked), [b.error for b in blocked]
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def exporter_role_sql(name: str) -> str:
+    """The README's role recipe for the exporter ("Running it in production", Role: the ```sql block
+    that makes a pg_monitor member), for the role `name`: the suite's exporter runs as exactly that."""
+    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    recipes = [b for b in blocks if "IN ROLE pg_monitor" in b]
+    assert len(recipes) == 1, f"README.md: expected one exporter role recipe, found {len(recipes)}"
+    sql = "\n".join(line.strip() for line in recipes[0].splitlines() if line.strip())
+    assert sql.count("CREATE ROLE migexport ") == 1, sql
+    return sql.replace("CREATE ROLE migexport ", f"CREATE ROLE {name} ")

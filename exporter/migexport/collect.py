@@ -43,6 +43,13 @@ COLLECTOR_DURATION = MetricSpec(
     "migexport_collector_duration_seconds", "Time one collector took in this scrape.", labels=("collector",)
 )
 IN_RECOVERY = MetricSpec("migexport_in_recovery", "1 if the target is a standby (pg_is_in_recovery()), 0 if a primary.")
+CAN_READ_ALL_STATS = MetricSpec(
+    "migexport_role_can_read_all_stats",
+    "1 if the exporter's role sees every session's activity (superuser, or the privileges of "
+    "pg_read_all_stats, e.g. through pg_monitor); 0 if it sees only its own sessions: then the collectors "
+    "that read other sessions (locks, connections, replication, migration) are not run and report "
+    "migexport_collector_success 0 rather than a calm 0.",
+)
 SERVER_VERSION = MetricSpec("migexport_server_version_num", "The target's server_version_num.")
 QUERIES = MetricSpec(
     "migexport_queries_total", "Statements the exporter sent to the target: the load it adds.", kind=COUNTER
@@ -63,6 +70,7 @@ SELF_SPECS = (
     COLLECTOR_SUCCESS,
     COLLECTOR_DURATION,
     IN_RECOVERY,
+    CAN_READ_ALL_STATS,
     SERVER_VERSION,
     QUERIES,
     TIMEOUTS,
@@ -144,6 +152,7 @@ class MigexportCollector(PromCollector):
             samples.append(COLLECTOR_DURATION.sample(snap.collector_duration[name], collector=name))
         if snap.server is not None:
             samples.append(IN_RECOVERY.sample(int(snap.server.in_recovery)))
+            samples.append(CAN_READ_ALL_STATS.sample(int(snap.server.can_read_all_stats)))
             samples.append(SERVER_VERSION.sample(snap.server.version_num))
         return samples
 

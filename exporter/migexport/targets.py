@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from migexport.collectors.base import MARKER, Collector, Context, ServerInfo
+from migexport.collectors.base import CAN_READ_ALL_STATS_SQL, MARKER, Collector, Context, ServerInfo
 from migexport.dsn import Target, password_of, redact
 from migexport.metrics import Sample
 from migexport.own import OwnTransactions, SessionLedger
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 SERVER_SQL = """
 SELECT current_setting('server_version_num')::int, pg_is_in_recovery(), current_database()
 """
+# The same, and who we are and whether we see other sessions: one statement per collection pass.
+WORKER_SERVER_SQL = SERVER_SQL.rstrip() + f", current_user::text, {CAN_READ_ALL_STATS_SQL}\n"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class SessionSettings:
     lock_timeout_ms: int = 100
     statement_timeout_ms: int = 2000
     connect_timeout_s: int = 3
+
+    def __post_init__(self) -> None:
+        # PostgreSQL takes whole milliseconds up to INT_MAX, and 0 means no timeout at all: a value
+        # rounded down to 0 from 0.4ms would turn off the very protection it was meant to set.
+        for name in ("lock_timeout_ms", "statement_timeout_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2147483647:
+                raise ValueError(f"{name.removesuffix('_ms')}: must be from 1ms to 2147483647ms, got {value!r}")
 
     def options(self) -> str:
         return " ".join(
@@ -105,6 +115,7 @@ class TargetWorker:
         self._secret = password_of(target.dsn) or ""
         self._was_up: bool | None = None
         self._collector_was_ok: dict[str, bool] = {}
+        self._could_read_all_stats: bool | None = None
         # Self-observation counters, read by the exposition.
         self.queries_total = 0
         self.timeouts_total = 0
@@ -165,6 +176,12 @@ class TargetWorker:
         for collector in self._collectors:
             if not collector.applies(ctx.server):
                 continue
+            if collector.needs_all_stats and not ctx.server.can_read_all_stats:
+                # Said once for all of them by _note_visibility; a GRANT later logs "recovered".
+                self._collector_was_ok[collector.name] = False
+                snap.collector_success[collector.name] = False
+                snap.collector_duration[collector.name] = 0.0
+                continue
             t0 = time.monotonic()
             queries_before = ctx.queries
             try:
@@ -207,9 +224,11 @@ class TargetWorker:
 
     def _server_info(self, conn: psycopg.Connection) -> ServerInfo:
         with conn.cursor() as cur:
-            cur.execute(MARKER + SERVER_SQL)
-            version_num, in_recovery, database = cur.fetchone()  # type: ignore[misc]
-        return ServerInfo(version_num=version_num, in_recovery=in_recovery, database=database)
+            cur.execute(MARKER + WORKER_SERVER_SQL)
+            version_num, in_recovery, database, user, can_read_all_stats = cur.fetchone()  # type: ignore[misc]
+        server = ServerInfo(version_num, in_recovery, database, bool(can_read_all_stats))
+        self._note_visibility(user, server)
+        return server
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -244,6 +263,25 @@ class TargetWorker:
             else:
                 log.warning("target %s: down: %s", self.name, why)
         self._was_up = up
+
+    def _note_visibility(self, user: str, server: ServerInfo) -> None:
+        """Said at the first connection and when it changes (a GRANT or REVOKE meanwhile)."""
+        if self._could_read_all_stats is server.can_read_all_stats:
+            return
+        self._could_read_all_stats = server.can_read_all_stats
+        if server.can_read_all_stats:
+            log.info("target %s: role %s can see every session's activity (pg_read_all_stats)", self.name, user)
+            return
+        blind = sorted(c.name for c in self._collectors if c.needs_all_stats and c.applies(server))
+        log.warning(
+            "target %s: role %s cannot see other sessions' activity (it lacks pg_read_all_stats): the %s "
+            "collectors would read low (no lock waits, connections without state), so they are not run and "
+            "report migexport_collector_success 0; GRANT pg_monitor TO %s",
+            self.name,
+            user,
+            ", ".join(blind),
+            user,
+        )
 
     def _note_collector(self, collector: str, ok: bool, why: str) -> None:
         if self._collector_was_ok.get(collector, True) is not ok:

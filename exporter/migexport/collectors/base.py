@@ -23,6 +23,15 @@ class ServerInfo:
     version_num: int
     in_recovery: bool
     database: str
+    # Whether the session's role sees other sessions' activity (pg_stat_activity's state, wait events
+    # and queries, pg_stat_replication's lags, the WAL receiver): a superuser, or a role with the
+    # privileges of pg_read_all_stats (pg_monitor has them). Without, those rows read NULL.
+    can_read_all_stats: bool = True
+
+
+# USAGE, not MEMBER: what counts is having the role's privileges (a NOINHERIT member has not), which is
+# what the statistics views check; a superuser has every role's.
+CAN_READ_ALL_STATS_SQL = "pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"
 
 
 class Context:
@@ -82,6 +91,10 @@ class Collector(ABC):
     specs: ClassVar[tuple[MetricSpec, ...]]
     # Expensive collectors run at most this often and serve their last result in between.
     min_interval_seconds: ClassVar[float] = 0.0
+    # True for collectors that read other sessions' activity: for a role that cannot see it
+    # (ServerInfo.can_read_all_stats False) they would read low, a calm 0 during a lock queue, so they
+    # are not run and report collector_success 0 instead.
+    needs_all_stats: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._cached: list[Sample] | None = None

@@ -58,6 +58,7 @@ IDLE_IN_XACT_MAX = MetricSpec(
 
 class ConnectionsCollector(Collector):
     name = "connections"
+    needs_all_stats = True
     specs = (CONNECTIONS, CONNECTIONS_MAX, OLDEST_XACT, IDLE_IN_XACT_MAX)
 
     def collect(self, ctx: Context) -> list[Sample]:

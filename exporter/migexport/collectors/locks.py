@@ -134,6 +134,7 @@ class Waiter:
 
 class LocksCollector(Collector):
     name = "locks"
+    needs_all_stats = True
     specs = (WAITING, WAIT_MAX, BY_RELATION, ROOTS, MAX_BLOCKED, ROOT_BLOCKED, ROOT_XACT_AGE)
 
     def collect(self, ctx: Context) -> list[Sample]:

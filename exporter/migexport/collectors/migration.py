@@ -182,6 +182,7 @@ class MigrationSessionCollector(Collector):
     """Runs on the migration's target only, after the locks collector."""
 
     name = "migration"
+    needs_all_stats = True
     specs = (BLOCKED, SESSION, SESSION_WAIT)
 
     def __init__(self, current_migration_id: Callable[[], str], application_name: str) -> None:

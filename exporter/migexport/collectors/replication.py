@@ -94,6 +94,7 @@ def standby_labels(rows: list[tuple[int, str, str]]) -> dict[int, str]:
 
 class PrimaryReplicationCollector(Collector):
     name = "replication"
+    needs_all_stats = True
     specs = (LAG_SECONDS, LAG_BYTES, STANDBYS, SLOT_RETAINED, SLOT_ACTIVE, SLOT_WAL_LOST)
 
     def __init__(self) -> None:
@@ -137,6 +138,7 @@ class PrimaryReplicationCollector(Collector):
 
 class StandbyReplicationCollector(Collector):
     name = "standby"
+    needs_all_stats = True
     specs = (STANDBY_LAG_SECONDS, STANDBY_LAG_BYTES, STANDBY_STREAMING, STANDBY_PAUSED)
 
     def applies(self, server: ServerInfo) -> bool:
