@@ -199,3 +199,11 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_lock_path_that_is_not_a_regular_file_refuses_to_start(tmp_path):
+    (tmp_path / "state.json.lock").mkdir()
+    proc = run(tmp_path, tmp_path / "migration.log", "sh", "-c", f"touch {tmp_path / 'ran'}", env=dict(os.environ))
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and "state.json.lock" in proc.stderr, proc.stderr
+    assert not (tmp_path / "ran").exists()

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -285,6 +286,9 @@ class RunLock:
                 fd = os.open(path, os.O_RDONLY | flags, 0o644)
         except OSError as exc:
             raise RunError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunError(f"the lock file {path} is not a regular file: move it away")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
