@@ -207,3 +207,24 @@ def test_a_lock_path_that_is_not_a_regular_file_refuses_to_start(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.splitlines()) == 1 and "state.json.lock" in proc.stderr, proc.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_closed_stdout_never_blocks_the_command_and_the_log_gets_everything(tmp_path, quiet_env):
+    """`migexport run ... | head -1`: stdout goes away, the command runs on, the log has all of it."""
+    log = tmp_path / "migration.log"
+    argv = [*migexport_argv(), "run", "--id", "m1", "--log-file", str(log)]
+    argv += ["--state-file", str(tmp_path / "state.json"), "--", "sh", "-c", f"{NOISY}; echo DONE; exit 3"]
+    proc = subprocess.Popen(argv, env=quiet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "line 0 of the migration output, padded to sixty bytes\n"
+        proc.stdout.close()  # like head -1
+        assert proc.wait(timeout=30) == 3
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # run forwards it to the command's group
+            proc.wait(timeout=15)
+    warnings = proc.stderr.read().splitlines()
+    assert len(warnings) == 1 and "cannot write the command's output to stdout" in warnings[0], warnings
+    text = log.read_text()
+    assert text.count("\nline ") == LINES and "\nDONE\n" in text and "failed, exit code 3" in text
+    assert state(tmp_path)["status"] == "failed"
