@@ -38,12 +38,26 @@ INSTALL_HINT = (
 )
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which PostgreSQL the suite runs against (MIGEXPORT_PG_VERSION / MIGEXPORT_PG_BINDIR choose it)."""
+    try:
+        bindir = localpg.find_bindir()
+        return f"postgresql: {localpg.bindir_version(bindir)} from {bindir}"
+    except localpg.LocalPgError as exc:
+        return f"postgresql: not found ({exc})"
+
+
+def server_version_num(cluster: localpg.LocalCluster) -> int:
+    with cluster.connect() as conn:
+        return int(conn.execute("SELECT current_setting('server_version_num')").fetchone()[0])
+
+
 @pytest.fixture(scope="session")
 def pg() -> Iterator[localpg.LocalSetup]:
     try:
         localpg.find_bindir()
-    except localpg.LocalPgError:
-        pytest.fail(INSTALL_HINT, pytrace=False)
+    except localpg.LocalPgError as exc:
+        pytest.fail(f"{exc}\n{INSTALL_HINT}", pytrace=False)
     with localpg.local_setup(replicas=1, prefix="migexport-test-") as setup:
         with setup.primary.connect() as conn:
             conn.execute(exporter_role_sql(MONITOR_ROLE))  # the README's recipe, nothing else

