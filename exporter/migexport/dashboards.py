@@ -356,6 +356,13 @@ CRITERIA = "duration, error_rate_change, response_time_change, rollback_required
 
 
 def _migration_top(lay: Layout, t: Thresholds, m: Migration) -> None:
+    _migration_status(lay, m)
+    _success_criteria_panel(lay)
+    _checks_panels(lay)
+
+
+def _migration_status(lay: Layout, m: Migration) -> None:
+    """State, elapsed vs budget, watch window left, firing alerts by action."""
     lay.row("Migration")
     lay.add(
         _stat(
@@ -422,6 +429,10 @@ def _migration_top(lay: Layout, t: Thresholds, m: Migration) -> None:
         5,
     )
     lay.newline()
+
+
+def _success_criteria_panel(lay: Layout) -> None:
+    """The checklist's table: PASS green, FAIL red, NO DATA grey."""
     lay.add(
         _table(
             "Success criteria",
@@ -454,7 +465,6 @@ def _migration_top(lay: Layout, t: Thresholds, m: Migration) -> None:
         24,
         8,
     )
-    _checks_panels(lay)
 
 
 CHECK_RESULTS = {"1": ("PASS", "green"), "0": ("FAIL", "red"), "-1": ("WARN", "orange")}
@@ -540,6 +550,11 @@ def _migration_signals(lay: Layout, t: Thresholds) -> None:
         8,
         8,
     )
+    _connections_vs_baseline(lay, t)
+
+
+def _connections_vs_baseline(lay: Layout, t: Thresholds) -> None:
+    """Connections with the band where MigrationConnectionsUnstable fires, and the utilisation limit."""
     change, cfloor, util = (
         fmt(t.connections_change_ratio),
         fmt(t.connections_floor),
@@ -602,8 +617,24 @@ def migration_dashboard(t: Thresholds, m: Migration | None = None) -> Any:
 
 
 def database_dashboard(t: Thresholds) -> Any:
-    n = series_names(t)
     lay = Layout()
+    _database_overview(lay, t)
+    _database_throughput(lay, t)
+    _lock_panels(lay, t, migration=False)
+    _replication_panels(lay, t)
+    _probe_and_app_panels(lay, t, migration=False)
+    return _dashboard(
+        "migexport: Database",
+        DATABASE_UID,
+        "Per target, for everyday use: the signals migexport watches, with the thresholds of its alerts.",
+        lay,
+        [],
+        [],
+    )
+
+
+def _database_overview(lay: Layout, t: Thresholds) -> None:
+    """Up, oldest transaction, size, deadlocks: one stat each."""
     lay.row("Overview")
     lay.add(
         _stat(
@@ -648,6 +679,11 @@ def database_dashboard(t: Thresholds) -> Any:
         6,
         5,
     )
+
+
+def _database_throughput(lay: Layout, t: Thresholds) -> None:
+    """Transactions, error ratio, statement latency, connections."""
+    n = series_names(t)
     lay.row("Throughput, errors, latency, connections")
     lay.add(
         _ts(
@@ -704,17 +740,6 @@ def database_dashboard(t: Thresholds) -> Any:
         ),
         12,
         8,
-    )
-    _lock_panels(lay, t, migration=False)
-    _replication_panels(lay, t)
-    _probe_and_app_panels(lay, t, migration=False)
-    return _dashboard(
-        "migexport: Database",
-        DATABASE_UID,
-        "Per target, for everyday use: the signals migexport watches, with the thresholds of its alerts.",
-        lay,
-        [],
-        [],
     )
 
 
