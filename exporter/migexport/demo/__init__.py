@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from migexport import localpg
+from migexport.config import Migration
 from migexport.demo import monitoring, reports, scripts
 from migexport.dsn import Target
 from migexport.service import Exporter, ServeSettings
@@ -92,29 +93,7 @@ def _run(
     stack.callback(baseline.join, 5)
     say(f"baseline: capturing {monitoring.BASELINE_SECONDS:g} s of normal traffic in the background ...")
 
-    try:
-        watch = monitoring.start_monitoring(work, exporter.url)
-    except (RuntimeError, OSError) as exc:
-        say(f"prometheus: not started: {exc}; the demo goes on without alerts")
-        watch = monitoring.Monitoring()
-    stack.callback(watch.stop)
-    if watch.missing:
-        say(
-            f"prometheus: not installed ({', '.join(watch.missing)} missing): no alerts in this demo; "
-            "'bash scripts/demo.sh' installs them (apt-get install prometheus prometheus-alertmanager)"
-        )
-    elif watch.servers:
-        prom = watch.url("prometheus")
-        say(f"prometheus: {prom}/alerts")
-        say(f"alertmanager: {watch.url('alertmanager')}")
-        query = monitoring.CRITERIA_QUERY
-        say(f"criteria: {prom}/graph?g0.expr={query}&g0.tab=1  (the success criteria: query {query})")
-        say(f"rules: {work / 'migexport.rules.yml'} (demo thresholds: alerts fire after seconds, not minutes)")
-        config = reports.write_config(work, targets, migration, baseline_path, prom)
-        reporter = reports.Reporter(config, say, stop).start()
-        stack.callback(reporter.close)
-        say(f"config: {config} (try: migexport report -c {config} --id demo-clean)")
-        say(f"reports: {config.parent / 'reports'} (each migration's page, when it ends and when its window closes)")
+    _watch(work, exporter.url, targets, migration, baseline_path, stop, say, stack)
 
     paths = scripts.write_scripts(work, primary, migration)
     say("scripted migrations (run one in another terminal, then watch the alerts):")
@@ -128,6 +107,44 @@ def _run(
         else f"stopping by itself after {duration_seconds:g} s"
     )
     stop.wait(duration_seconds)
+
+
+def _watch(
+    work: Path,
+    exporter_url: str,
+    targets: list[Target],
+    migration: Migration,
+    baseline_path: Path,
+    stop: threading.Event,
+    say: Callable[[str], None],
+    stack: contextlib.ExitStack,
+) -> None:
+    """Prometheus and Alertmanager when installed, and the reports of the scripted migrations."""
+    try:
+        watch = monitoring.start_monitoring(work, exporter_url)
+    except (RuntimeError, OSError) as exc:
+        say(f"prometheus: not started: {exc}; the demo goes on without alerts")
+        watch = monitoring.Monitoring()
+    stack.callback(watch.stop)
+    if watch.missing:
+        say(
+            f"prometheus: not installed ({', '.join(watch.missing)} missing): no alerts in this demo; "
+            "'bash scripts/demo.sh' installs them (apt-get install prometheus prometheus-alertmanager)"
+        )
+        return
+    prom = watch.url("prometheus")
+    if not prom:
+        return
+    say(f"prometheus: {prom}/alerts")
+    say(f"alertmanager: {watch.url('alertmanager')}")
+    query = monitoring.CRITERIA_QUERY
+    say(f"criteria: {prom}/graph?g0.expr={query}&g0.tab=1  (the success criteria: query {query})")
+    say(f"rules: {work / 'migexport.rules.yml'} (demo thresholds: alerts fire after seconds, not minutes)")
+    config = reports.write_config(work, targets, migration, baseline_path, prom)
+    reporter = reports.Reporter(config, say, stop).start()
+    stack.callback(reporter.close)
+    say(f"config: {config} (try: migexport report -c {config} --id demo-clean)")
+    say(f"reports: {config.parent / 'reports'} (each migration's page, when it ends and when its window closes)")
 
 
 def _wait_for_role(replica: localpg.LocalCluster, timeout: float = 15.0) -> None:
