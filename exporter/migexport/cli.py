@@ -19,16 +19,24 @@ from migexport import __version__
 from migexport.baseline import BaselineIncomplete, summary_rows
 from migexport.baseline import capture as capture_baseline
 from migexport.baseline_file import BaselineError, read_baseline, write_baseline
-from migexport.config import EXAMPLE_CONFIG, Config, ConfigError, Migration, Thresholds, load_config
+from migexport.config import (
+    EXAMPLE_CONFIG,
+    MAX_RUN_SECONDS,
+    Config,
+    ConfigError,
+    Migration,
+    Thresholds,
+    load_config,
+)
 from migexport.dashboards import render as render_dashboards
 from migexport.dsn import TargetError, parse_targets, redact, split_targets
-from migexport.rulegen import DEFAULT_RUNBOOK_BASE, render
+from migexport.rulegen import DEFAULT_RUNBOOK_BASE, RuleError, render
 from migexport.run import Around, RunError, ServerSide, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
 from migexport.state import write_atomic
 from migexport.targets import SessionSettings
 from migexport.topstatements import TOP_STATEMENTS
-from migexport.units import parse_duration, parse_listen
+from migexport.units import PG_TIMEOUT_MAX_SECONDS, PG_TIMEOUT_MIN_SECONDS, parse_duration, parse_listen, show
 from migexport.web_config import WebConfigError, load_web_config
 
 EXIT_USAGE = 2
@@ -50,13 +58,17 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _duration(name: str, text: str, minimum: float = 0.0) -> float:
+def _duration(
+    name: str, text: str, minimum: float = 0.0, maximum: float = MAX_RUN_SECONDS, smallest: float = 0.0
+) -> float:
+    """A duration option: greater than `minimum`, at least `smallest` (never rounded down to 0), at most
+    `maximum`."""
     try:
-        seconds = parse_duration(text)
+        seconds = parse_duration(text, maximum=maximum, minimum=smallest)
     except ValueError as exc:
         raise UserError(f"{name}: {exc}") from None
     if seconds <= minimum:
-        raise UserError(f"{name}: must be greater than {minimum:g}s, got {text!r}")
+        raise UserError(f"{name}: must be greater than {minimum:g}s, got {show(text)}")
     return seconds
 
 
@@ -151,7 +163,9 @@ def serve(
         statement_timeout_ms=_ms("--statement-timeout", statement_timeout, session.statement_timeout_ms),
     )
     if scrape_timeout is not None:
-        settings.scrape_timeout_seconds = _duration("--scrape-timeout", scrape_timeout)
+        settings.scrape_timeout_seconds = _duration(
+            "--scrape-timeout", scrape_timeout, maximum=3600.0, smallest=PG_TIMEOUT_MIN_SECONDS
+        )
     if baseline_path is not None:
         settings.baseline_path = Path(baseline_path)
     if state_file is not None:
@@ -187,7 +201,10 @@ def _write_new(path: Path, text: str, force: bool, mode: int = 0o644) -> None:
 
 
 def _ms(name: str, text: str | None, default: int) -> int:
-    return default if text is None else round(_duration(name, text) * 1000)
+    """A PostgreSQL timeout in whole milliseconds: 0.4ms is refused, never sent as 0 (no timeout)."""
+    if text is None:
+        return default
+    return round(_duration(name, text, maximum=PG_TIMEOUT_MAX_SECONDS, smallest=PG_TIMEOUT_MIN_SECONDS) * 1000)
 
 
 @cli.command()
@@ -321,12 +338,15 @@ def _print_baseline(doc: dict) -> None:
 def rules(config_path: str | None, output_format: str, runbook_base_url: str, output: str | None, force: bool) -> None:
     """Render the alert and recording rules from the config's thresholds (default: the checklist's)."""
     config = _load_config(config_path)
-    text = render(
-        config.thresholds if config else Thresholds(),
-        runbook_base_url,
-        output_format,
-        (config.migration if config else Migration()).watch_window_seconds,
-    )
+    try:
+        text = render(
+            config.thresholds if config else Thresholds(),
+            runbook_base_url,
+            output_format,
+            (config.migration if config else Migration()).watch_window_seconds,
+        )
+    except RuleError as exc:
+        raise UserError(str(exc)) from None
     if output is None:
         click.echo(text, nl=False)
         return

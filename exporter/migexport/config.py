@@ -8,6 +8,7 @@ because a misspelt threshold silently falling back to its default is how alerts 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -17,9 +18,22 @@ from typing import Any
 import yaml
 
 from migexport.dsn import TARGET_NAME, Target, TargetError, resolve_source, validate_dsn
-from migexport.units import parse_duration, parse_listen
+from migexport.units import (
+    DAY,
+    PG_TIMEOUT_MAX_SECONDS,
+    PG_TIMEOUT_MIN_SECONDS,
+    PROMETHEUS_MAX_DURATION_SECONDS,
+    parse_duration,
+    parse_listen,
+    show,
+)
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+# A migration's time budget and watch window: longer than a month is a typo, not a plan (and stays far
+# below what timers and Prometheus ranges can hold).
+MAX_RUN_SECONDS = 31 * 86400.0
 
 
 class ConfigError(ValueError):
@@ -252,7 +266,9 @@ class _Reader:
         self.problems: list[str] = []
 
     def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{key}: {message}")
+        # One printable line, however long or odd the key or value the file holds.
+        line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in f"{key}: {message}")
+        self.problems.append(line if len(line) <= 300 else line[:297] + "...")
 
     def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
         if value is None:
@@ -264,26 +280,50 @@ class _Reader:
             self.problem(f"{key}.{unknown}" if key else unknown, f"unknown key (allowed: {', '.join(sorted(allowed))})")
         return {str(k): v for k, v in value.items() if str(k) in allowed}
 
-    def duration(self, value: Any, key: str, default: float, positive: bool = True) -> float:
+    def duration(
+        self,
+        value: Any,
+        key: str,
+        default: float,
+        positive: bool = True,
+        minimum: float = 0.0,
+        maximum: float = PROMETHEUS_MAX_DURATION_SECONDS,
+    ) -> float:
+        """Finite, at most `maximum` (Prometheus' longest by default), and a positive value below
+        `minimum` refused rather than rounded to 0 (a timeout of 0 is no timeout)."""
         if value is None:
             return default
         try:
-            seconds = parse_duration(value)
+            seconds = parse_duration(value, maximum=maximum, minimum=minimum)
         except (ValueError, TypeError) as exc:
             self.problem(key, str(exc))
             return default
         if positive and seconds <= 0:
-            self.problem(key, f"must be greater than 0, got {value!r}")
+            self.problem(key, f"must be greater than 0, got {show(value)}")
+            return default
         return seconds
 
-    def number(self, value: Any, key: str, default: float, minimum: float = 0.0) -> float:
+    def timeout(self, value: Any, key: str, default: float, maximum: float = PG_TIMEOUT_MAX_SECONDS) -> float:
+        """A timeout: from 1ms (PostgreSQL's unit; below it would be 0, i.e. none) to `maximum`."""
+        return self.duration(value, key, default, minimum=PG_TIMEOUT_MIN_SECONDS, maximum=maximum)
+
+    def number(self, value: Any, key: str, default: float, minimum: float = 0.0, maximum: float = 1e12) -> float:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
-            self.problem(key, f"must be a number, got {value!r}")
+            self.problem(key, f"must be a number, got {show(value)}")
+            return default
+        if isinstance(value, int) and abs(value) > maximum:  # before float(): 10**400 overflows it
+            self.problem(key, f"must be at most {maximum:g}, got {show(value)}")
+            return default
+        if not math.isfinite(value):
+            self.problem(key, f"must be a finite number, got {show(value)}")
             return default
         if value < minimum:
-            self.problem(key, f"must be >= {minimum:g}, got {value!r}")
+            self.problem(key, f"must be >= {minimum:g}, got {show(value)}")
+        if value > maximum:
+            self.problem(key, f"must be at most {maximum:g}, got {show(value)}")
+            return default
         return float(value)
 
     def string(self, value: Any, key: str, default: str, required: bool = False) -> str:
@@ -378,7 +418,8 @@ def _thresholds(r: _Reader, raw: Any) -> Thresholds:
     for key, f in names.items():
         default = f.default
         if f.name in DURATION_FIELDS:
-            values[f.name] = r.duration(entry.get(key), f"thresholds.{key}", default)  # type: ignore[arg-type]
+            # At least 1ms: the rules render durations in milliseconds at the finest.
+            values[f.name] = r.duration(entry.get(key), f"thresholds.{key}", default, minimum=0.001)  # type: ignore[arg-type]
         else:
             values[f.name] = r.number(entry.get(key), f"thresholds.{key}", default)  # type: ignore[arg-type]
     for ratio in ("latency_degradation_ratio", "error_rate_increase_ratio"):
@@ -430,8 +471,12 @@ def _migration(r: _Reader, raw: Any, target_names: list[str]) -> Migration:
         id=mig_id,
         target=target,
         affected_tables=tuple(t for t in tables if isinstance(t, str)),
-        time_budget_seconds=r.duration(entry.get("time_budget"), "migration.time_budget", d.time_budget_seconds),
-        watch_window_seconds=r.duration(entry.get("watch_window"), "migration.watch_window", d.watch_window_seconds),
+        time_budget_seconds=r.duration(
+            entry.get("time_budget"), "migration.time_budget", d.time_budget_seconds, maximum=MAX_RUN_SECONDS
+        ),
+        watch_window_seconds=r.duration(
+            entry.get("watch_window"), "migration.watch_window", d.watch_window_seconds, maximum=MAX_RUN_SECONDS
+        ),
         session_application_name=r.string(
             entry.get("session_application_name"), "migration.session_application_name", d.session_application_name
         ),
@@ -442,7 +487,7 @@ def _migration(r: _Reader, raw: Any, target_names: list[str]) -> Migration:
         sql_files=tuple(r.strings(entry.get("sql_files"), "migration.sql_files")),
         rollback_file=r.string(entry.get("rollback_file"), "migration.rollback_file", d.rollback_file),
         rollback_command=r.string(entry.get("rollback_command"), "migration.rollback_command", d.rollback_command),
-        lock_timeout_seconds=r.duration(entry.get("lock_timeout"), "migration.lock_timeout", d.lock_timeout_seconds),
+        lock_timeout_seconds=r.timeout(entry.get("lock_timeout"), "migration.lock_timeout", d.lock_timeout_seconds),
         snapshot_file=r.string(entry.get("snapshot_file"), "migration.snapshot_file", d.snapshot_file),
         checks_file=r.string(entry.get("checks_file"), "migration.checks_file", d.checks_file),
     )
@@ -467,8 +512,8 @@ def _probes(r: _Reader, raw: Any, target_names: list[str]) -> list[Probe]:
                 name=name,
                 sql=sql,
                 target=target,
-                interval_seconds=r.duration(entry.get("interval"), f"{key}.interval", 15.0),
-                timeout_seconds=r.duration(entry.get("timeout"), f"{key}.timeout", 2.0),
+                interval_seconds=r.timeout(entry.get("interval"), f"{key}.interval", 15.0, maximum=DAY),
+                timeout_seconds=r.timeout(entry.get("timeout"), f"{key}.timeout", 2.0, maximum=3600.0),
             )
         )
     return probes
@@ -491,8 +536,8 @@ def _apps(r: _Reader, raw: Any) -> list[App]:
             App(
                 name=name,
                 url=url,
-                interval_seconds=r.duration(entry.get("interval"), f"{key}.interval", 15.0),
-                timeout_seconds=r.duration(entry.get("timeout"), f"{key}.timeout", 2.0),
+                interval_seconds=r.timeout(entry.get("interval"), f"{key}.interval", 15.0, maximum=DAY),
+                timeout_seconds=r.timeout(entry.get("timeout"), f"{key}.timeout", 2.0, maximum=3600.0),
             )
         )
     return apps
@@ -528,8 +573,8 @@ def _preflight(r: _Reader, raw: Any) -> Preflight:
         backup_max_age_seconds=r.duration(
             entry.get("backup_max_age"), "preflight.backup_max_age", d.backup_max_age_seconds
         ),
-        command_timeout_seconds=r.duration(
-            entry.get("command_timeout"), "preflight.command_timeout", d.command_timeout_seconds
+        command_timeout_seconds=r.timeout(
+            entry.get("command_timeout"), "preflight.command_timeout", d.command_timeout_seconds, maximum=DAY
         ),
         archive_ready_max=r.number(entry.get("archive_ready_max"), "preflight.archive_ready_max", d.archive_ready_max),
         traffic_max_ratio=r.number(entry.get("traffic_max_ratio"), "preflight.traffic_max_ratio", d.traffic_max_ratio),
@@ -627,7 +672,7 @@ def _verify(r: _Reader, raw: Any, target_names: list[str]) -> Verify:
     return Verify(
         target=target,
         dsn=r.string(entry.get("dsn"), "verify.dsn", ""),
-        statement_timeout_seconds=r.duration(
+        statement_timeout_seconds=r.timeout(
             entry.get("statement_timeout"), "verify.statement_timeout", Verify.statement_timeout_seconds
         ),
         expect=_expect(r, entry.get("expect")),
@@ -653,9 +698,9 @@ def parse_config(
     config = Config(
         targets=tuple(targets),
         listen=listen,
-        scrape_timeout_seconds=r.duration(top.get("scrape_timeout"), "scrape_timeout", 5.0),
-        statement_timeout_seconds=r.duration(top.get("statement_timeout"), "statement_timeout", 2.0),
-        lock_timeout_seconds=r.duration(top.get("lock_timeout"), "lock_timeout", 0.1),
+        scrape_timeout_seconds=r.timeout(top.get("scrape_timeout"), "scrape_timeout", 5.0, maximum=3600.0),
+        statement_timeout_seconds=r.timeout(top.get("statement_timeout"), "statement_timeout", 2.0),
+        lock_timeout_seconds=r.timeout(top.get("lock_timeout"), "lock_timeout", 0.1),
         application_name=r.string(top.get("application_name"), "application_name", "migexport"),
         baseline_file=r.string(top.get("baseline_file"), "baseline_file", "baseline.json"),
         web_config_file=r.string(top.get("web_config_file"), "web_config_file", ""),
@@ -673,20 +718,115 @@ def parse_config(
     return config
 
 
-def load_config(path: str | Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> Config:
-    path = Path(path)
+# Bounds checked before anything is built from the file: a config is a few kilobytes, a few levels deep.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_DEPTH = 50
+MAX_NODES = 100_000  # values once aliases are expanded: a "billion laughs" stops here, not in memory
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the second would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {show(key)}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_shape(text: str) -> str | None:
+    """Depth and alias expansion, from the event stream and the node graph, before constructing."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else 0
+                return f"nested more than {MAX_DEPTH} levels deep (at line {line})"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` stands for with every alias expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ValueError("an alias refers to its own anchor (a recursive structure)")
+    open_.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, sizes, open_)
+        if size > MAX_NODES:
+            break
+    open_.discard(key)
+    sizes[key] = size
+    return size
+
+
+def parse_yaml(data: bytes, what: str = "file") -> Any:
+    """YAML from a file a person wrote: bounded in size, depth and alias expansion before anything is
+    built; duplicate keys and non-UTF-8 refused. Raises ConfigError with one line."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a {what}"])
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (byte {exc.start})"]) from None
     try:
-        data = yaml.safe_load(text)
+        shape = _check_shape(text)
+        if shape:
+            raise ConfigError([shape])
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if _expanded_size(node, {}, set()) > MAX_NODES:
+                raise ConfigError([f"more than {MAX_NODES} values once its aliases are expanded"])
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except ConfigError:
+        raise
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
+        raise ConfigError([f"not valid YAML{where}: {problem}"]) from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # a value YAML reads but Python cannot hold
+        message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ConfigError([f"not valid YAML: {message}"]) from None
+
+
+def load_config(path: str | Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> Config:
+    path = Path(path)
     try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = parse_yaml(data, "migexport config")
         return parse_config(data, path, environ)
     except ConfigError as exc:
         raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None

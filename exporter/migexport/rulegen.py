@@ -9,14 +9,16 @@ are floored, so "10 % above nothing" cannot page.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import yaml
 
 from migexport.alertdefs import CONSIDER, INVESTIGATE, ROLLBACK, WATCH, Alert, alerts
-from migexport.config import Migration, Thresholds
+from migexport.config import DURATION_FIELDS, Migration, Thresholds
 from migexport.recording import recording_rules
 from migexport.success import success_rules
+from migexport.units import PROMETHEUS_MAX_DURATION_SECONDS, human
 
 __all__ = [
     "CONSIDER",
@@ -26,6 +28,7 @@ __all__ = [
     "ROLLBACK",
     "WATCH",
     "Alert",
+    "RuleError",
     "alerts",
     "recording_rules",
     "render",
@@ -39,11 +42,29 @@ HEADER = (
 DEFAULT_RUNBOOK_BASE = "https://github.com/migexport/migexport/blob/main/rules/runbooks"
 
 
+class RuleError(ValueError):
+    """A threshold the rules cannot carry; the message is one line naming it."""
+
+
+def check_durations(t: Thresholds, watch_window_seconds: float) -> None:
+    """Every duration the rules render, finite and within what promtool accepts: from 1ms (they are
+    written in milliseconds at the finest) to Prometheus' longest (int64 nanoseconds)."""
+    values = {f"thresholds.{name.removesuffix('_seconds')}": getattr(t, name) for name in sorted(DURATION_FIELDS)}
+    values["migration.watch_window"] = watch_window_seconds
+    for key, seconds in values.items():
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+            raise RuleError(f"{key}: {seconds!r} is not a finite duration")
+        if not 0.001 <= seconds <= PROMETHEUS_MAX_DURATION_SECONDS:
+            longest = human(PROMETHEUS_MAX_DURATION_SECONDS)
+            raise RuleError(f"{key}: {seconds:g}s is outside what Prometheus rules can hold (1ms to {longest})")
+
+
 def rule_groups(
     t: Thresholds,
     runbook_base: str = DEFAULT_RUNBOOK_BASE,
     watch_window_seconds: float = Migration().watch_window_seconds,
 ) -> dict[str, Any]:
+    check_durations(t, watch_window_seconds)
     return {
         "groups": [
             {"name": "migexport.recording", "rules": recording_rules(t)},
