@@ -30,6 +30,7 @@ from migexport.config import (
 )
 from migexport.dashboards import render as render_dashboards
 from migexport.dsn import TargetError, parse_targets, redact, split_targets
+from migexport.paths import PathRefused, check_output, known_files
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, RuleError, render
 from migexport.run import Around, RunError, ServerSide, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
@@ -190,8 +191,21 @@ def serve(
     exporter.stop()
 
 
-def _write_new(path: Path, text: str, force: bool, mode: int = 0o644) -> None:
-    """Write a file the user asked for, atomically; never replace one without --force."""
+def _check_output(path: Path, kind: str, config: Config | None, role: str = "") -> None:
+    """A regular file (or none), not another file the config names, not another kind of file."""
+    try:
+        check_output(path, kind, known_files(config), role)
+    except PathRefused as exc:
+        raise UserError(str(exc)) from None
+
+
+def _write_new(
+    path: Path, text: str, force: bool, mode: int = 0o644, kind: str = "", config: Config | None = None
+) -> None:
+    """Write a file the user asked for, atomically; never replace one without --force, and with it only
+    a regular file of the same kind (or of none migexport knows)."""
+    if kind:
+        _check_output(path, kind, config)
     if path.exists() and not force:
         raise UserError(f"{path} exists; use --force to replace it")
     try:
@@ -214,7 +228,7 @@ def init(path: str, force: bool) -> None:
     """Write an annotated example config file (default: migexport.yml)."""
     target = Path(path)
     # Private: a config may end up holding a DSN with a password (the example reads it from the environment).
-    _write_new(target, EXAMPLE_CONFIG, force, mode=0o600)
+    _write_new(target, EXAMPLE_CONFIG, force, mode=0o600, kind="config")
     click.echo(f"wrote {target}: edit its targets and migration, then run 'migexport baseline -c {target}'")
 
 
@@ -261,6 +275,7 @@ def baseline(
         raise UserError("baseline needs --config FILE (targets, probes, the migration's id and tables)")
     seconds = _duration("--duration", duration)
     out = Path(output) if output else config.resolve(config.baseline_file)
+    _check_output(out, "baseline", config, "baseline_file")
     if out.exists() and not force:  # before sampling, not after five minutes of it
         raise UserError(f"{out} exists; use --force to replace it")
     _setup_logging("warning")
@@ -350,7 +365,7 @@ def rules(config_path: str | None, output_format: str, runbook_base_url: str, ou
     if output is None:
         click.echo(text, nl=False)
         return
-    _write_new(Path(output), text, force)
+    _write_new(Path(output), text, force, kind="rules", config=config)
 
 
 @cli.command()
@@ -371,10 +386,11 @@ def dashboards(config_path: str | None, output_dir: str, force: bool) -> None:
     except OSError as exc:
         raise UserError(f"cannot create {directory}: {exc.strerror}") from None
     for name in texts:
+        _check_output(directory / name, "dashboard", config)
         if (directory / name).exists() and not force:
             raise UserError(f"{directory / name} exists; use --force to replace it")
     for name, text in texts.items():
-        _write_new(directory / name, text, force)
+        _write_new(directory / name, text, force, kind="dashboard", config=config)
         click.echo(f"wrote {directory / name}")
 
 
@@ -445,6 +461,12 @@ def run(
     resolve = config.resolve if config else Path
     log_path = Path(log_file) if log_file else resolve(m.log_file)
     state_path = Path(state_file) if state_file else resolve(m.state_file)
+    # `run --state-file migexport.yml` must not replace the config with JSON (nor the log a baseline).
+    _check_output(state_path, "state", config, "migration.state_file")
+    _check_output(log_path, "log", config, "migration.log_file")
+    if config is not None:
+        _check_output(config.resolve(m.snapshot_file), "snapshot", config, "migration.snapshot_file")
+        _check_output(config.resolve(m.checks_file), "checks", config, "migration.checks_file")
     around = Around()
     if write_report_after and (config is None or not (prometheus_url or config.slis.prometheus_url)):
         raise UserError("--report: needs a config (-c) and a Prometheus (--prometheus-url or slis.prometheus_url)")
@@ -537,6 +559,7 @@ def preflight(config_path: str | None, output_format: str, fast: bool) -> None:
     config = _load_config(config_path)
     if config is None:
         raise UserError("preflight needs --config FILE (targets, the migration, its thresholds)")
+    _check_output(config.resolve(config.migration.checks_file), "checks", config, "migration.checks_file")
     report = run_preflight(config, fast=fast)
     if output_format == "json":
         click.echo(render_json(report), nl=False)
@@ -567,6 +590,7 @@ def snapshot(config_path: str | None, force: bool) -> None:
     config = _load_config(config_path)
     if config is None:
         raise UserError("snapshot needs --config FILE (the migration's target and affected tables)")
+    _check_output(config.resolve(config.migration.snapshot_file), "snapshot", config, "migration.snapshot_file")
     try:
         doc = take_snapshot(config)
     except SnapshotError as exc:
@@ -612,6 +636,7 @@ def verify(config_path: str | None, output_format: str) -> None:
     config = _load_config(config_path)
     if config is None:
         raise UserError("verify needs --config FILE (the migration's target, affected tables and verify section)")
+    _check_output(config.resolve(config.migration.checks_file), "checks", config, "migration.checks_file")
     try:
         before = read_snapshot(config)
     except SnapshotError as exc:
@@ -667,6 +692,8 @@ def report(
     config = _load_config(config_path)
     if config is None:
         raise UserError("report needs --config FILE (the state file, the log, the thresholds, slis.prometheus_url)")
+    if output is not None:
+        _check_output(Path(output), "report", config)
     try:
         path = write_report(config, migration_id, output, output_format, prometheus_url, force=force)
     except ReportError as exc:

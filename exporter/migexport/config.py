@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from migexport.dsn import TARGET_NAME, Target, TargetError, resolve_source, validate_dsn
+from migexport.paths import coinciding, known_files
 from migexport.units import (
     DAY,
     PG_TIMEOUT_MAX_SECONDS,
@@ -713,6 +714,8 @@ def parse_config(
         verify=_verify(r, top.get("verify"), names),
         path=path,
     )
+    if not r.problems:  # state_file == baseline_file, or log_file == this file: run would destroy one
+        r.problems += coinciding(known_files(config))
     if r.problems:
         raise ConfigError(r.problems)
     return config

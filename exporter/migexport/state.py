@@ -13,11 +13,13 @@ nobody will write the end, so the reader must say so instead of showing "running
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import secrets
 import socket
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +163,20 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
     The file is created with `mode` masked by the process umask (open(2) applies it), not mkstemp's
     0600: a `serve` running as another user must be able to read the state, baseline and rules, and a
-    user who wants them private says so with their umask."""
+    user who wants them private says so with their umask.
+
+    Only a regular file is replaced: a device, directory, pipe or socket at `path` is an OSError (a
+    `--force` included). A symlink keeps pointing where it did: its target gets the new content."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+        if not path.parent.is_dir():
+            raise OSError(errno.ENOENT, f"the symlink's target directory {path.parent} does not exist")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file: migexport replaces only regular files")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
