@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import ddl_lock_queue, monitor_dsn, run_blocking, wait_for
+from conftest import ddl_lock_queue, monitor_dsn, run_blocking, server_version_num, wait_for
 from migexport.checks.result import Report, Status, read_checks
 from migexport.checks.snapshot import read_snapshot, take_snapshot, write_snapshot
 from migexport.checks.verify import run_verify
@@ -305,6 +305,30 @@ def test_an_unexpected_change_of_a_table_with_an_expectation_fails(app, tmp_path
     assert "unexpected columns changed: name (NOT NULL added)" in schema.value
     assert "expected but not done: indexes added: accounts_email_idx" in schema.value
     assert not report.ok
+
+
+def test_set_not_null_is_a_column_change_on_every_version(app, tmp_path):
+    """PostgreSQL 18 stores each NOT NULL as a constraint (`<table>_<column>_not_null`) too: declared as
+    the column's change, SET NOT NULL passes on every version, and 18's NOT VALID NOT NULL is still WARN."""
+    sql(app, "DROP TABLE IF EXISTS nn", "CREATE TABLE nn (id int PRIMARY KEY, a int, b int)")
+    version = server_version_num(app.primary)
+    expect = {"nn": {"columns": {"changed": ["a", "b"] if version >= 180000 else ["a"]}}}
+    config = write_config(tmp_path, app, ["nn"], {"expect": expect})
+    snapshot(config)
+    sql(app, "ALTER TABLE nn ALTER COLUMN a SET NOT NULL")
+    if version >= 180000:
+        sql(app, "ALTER TABLE nn ADD CONSTRAINT nn_b_nn NOT NULL b NOT VALID")
+    report = verify(config)
+    schema = row(report, "schema_changes", "nn")
+    assert schema.status is Status.PASS, schema.value
+    assert "columns changed: a" in schema.value and "constraints" not in schema.value
+    validation = row(report, "constraint_validation", "nn")
+    if version >= 180000:
+        assert validation.status is Status.WARN and validation.value == "NOT VALID: nn_b_nn"
+        sql(app, "ALTER TABLE nn VALIDATE CONSTRAINT nn_b_nn")
+        assert row(verify(config), "constraint_validation", "nn").status is Status.PASS
+    else:
+        assert validation.status is Status.PASS
 
 
 class InApp:

@@ -58,11 +58,22 @@ def _default_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return old["fingerprint"] != new["fingerprint"]
 
 
+def _reported(kind: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A table's objects of one kind as the diff compares them. PostgreSQL 18 records every NOT NULL as a
+    constraint of its own (contype 'n', named `<table>_<column>_not_null`): the column's NOT NULL already
+    reports it, as on 13-17, so it is no constraint change of its own (constraint_check still sees a NOT
+    VALID one)."""
+    objects = table.get(kind, {})
+    if kind != "constraints":
+        return objects
+    return {name: con for name, con in objects.items() if con.get("type") != "n"}
+
+
 def diff_table(before: dict[str, Any], after: dict[str, Any]) -> Diff:
     """What was added, dropped or changed, with a short detail each."""
     out: Diff = {kind: {change: {} for change in CHANGES} for kind in KINDS}
     for kind in KINDS:
-        old, new = before.get(kind, {}), after.get(kind, {})
+        old, new = _reported(kind, before), _reported(kind, after)
         for name in new.keys() - old.keys():
             out[kind]["added"][name] = new[name].get("definition") or new[name].get("type", "")
         for name in old.keys() - new.keys():
