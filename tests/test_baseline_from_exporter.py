@@ -126,5 +126,6 @@ def test_transactions_come_from_the_exporter_without_its_own(pg, start_exporter,
             thread.join(timeout=30)
     target = doc["targets"]["primary"]
     assert target["rollbacks"] == 4
-    # 40 commits, and one for the application's connection; autovacuum may add one or two of its own.
-    assert 41 <= target["commits"] <= 44, target
+    # 40 commits, and one for the application's connection; autovacuum and autoanalyze of t may add a few of
+    # their own (more on a loaded machine). The ~400 commits of the 40 scrapes are what must not be there.
+    assert 41 <= target["commits"] <= 48, target
