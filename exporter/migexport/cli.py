@@ -708,7 +708,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"migexport: error: {redact(exc.format_message())}", err=True)
+        message = exc.format_message()
+        if "\n" in message:  # `migexport` alone: click's error is the whole help text; it goes to stdout
+            click.echo(message)
+            message = "no command given (the commands are listed above)"
+        click.echo(f"migexport: error: {redact(message)}", err=True)
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
     except UserError as exc:
         for problem in exc.problems:
