@@ -225,3 +225,23 @@ def test_baseline_and_state_files_with_numbers_beyond_float_are_one_line(tmp_pat
     with pytest.raises(StateError) as exc:
         read_state(state)
     assert "\n" not in str(exc.value)
+
+
+def test_checks_and_snapshot_files_are_bounded_before_parsing(tmp_path: Path):
+    from migexport.checks.result import ChecksFileError, read_checks
+    from migexport.checks.snapshot import SnapshotError, read_snapshot
+
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(200 * 1024 * 1024)  # sparse: 200 MB of NUL bytes on no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChecksFileError, match="larger than 16 MiB"):
+            read_checks(huge)
+        config = parse_config({"targets": {"p": "host=x"}, "migration": {"snapshot_file": str(huge)}})
+        with pytest.raises(SnapshotError, match="larger than 16 MiB"):
+            read_snapshot(config)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 
@@ -34,8 +35,22 @@ def _small_int(text: str) -> int:
     return int(text)
 
 
-def loads(data: bytes) -> Any:
+# No migexport JSON file comes near this (the state is bounded at 64 KiB, the baseline at 4 MiB, a
+# snapshot is cut to fit): a larger one is refused before parsing, after reading one byte more.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+def read_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """Path.read_bytes() that stops one byte past `limit` (loads() then refuses it): a huge file or a
+    device that never ends is not read into memory. OSError as from open()."""
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def loads(data: bytes, limit: int = MAX_FILE_BYTES) -> Any:
     """Parse `data` or raise JsonRefused with one line saying why."""
+    if len(data) > limit:
+        raise JsonRefused(f"larger than {limit // (1024 * 1024)} MiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -124,7 +124,7 @@ class ChecksFileError(ValueError):
 def read_checks(path: Path) -> dict[str, dict[str, Any]]:
     """The checks file's reports by kind; {} when there is none yet."""
     try:
-        data = path.read_bytes()
+        data = strictjson.read_bytes(path)  # bounded: a huge file is refused, not read
     except FileNotFoundError:
         return {}
     except OSError as exc:

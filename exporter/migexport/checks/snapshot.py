@@ -299,7 +299,7 @@ def write_snapshot(config: Config, doc: dict[str, Any], force: bool = False) -> 
 
 def _load(path: Path) -> dict[str, Any] | None:
     try:
-        data = path.read_bytes()
+        data = strictjson.read_bytes(path)  # bounded: a huge file is refused, not read
     except FileNotFoundError:
         return None
     except OSError as exc:
