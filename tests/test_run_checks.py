@@ -11,6 +11,7 @@ reads FAIL. With `--report`, `run` waits for the watch window to close and write
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -133,6 +134,7 @@ def test_with_skip_preflight_a_clean_migration_runs_and_verifies(setup: Setup):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state = setup.state()
     assert state["status"] == "succeeded" and state["preflight"] is None
+    assert state["user"] == getpass.getuser()  # who ran it, for the report
     assert state["verify"]["result"] == "passed", state["verify"]
     assert state["verify"]["integrity"] == "2/2"
     log = (setup.tmp / "migration.log").read_text()

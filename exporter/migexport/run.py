@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import getpass
 import json
 import os
 import shutil
@@ -828,6 +829,14 @@ def _snapshot(around: Around, log: _Log, warn: Callable[[str], None]) -> str | N
         return None
 
 
+def _login_name() -> str | None:
+    """Who runs the migration, for the record (a container's uid may have no name: then none)."""
+    try:
+        return getpass.getuser()[:MAX_RECORDED_TEXT] or None
+    except (KeyError, OSError):
+        return None
+
+
 def run_migration(
     command: list[str],
     migration_id: str,
@@ -908,6 +917,7 @@ def _run_locked(
         watch_window_seconds=watch_window_seconds,
         pid=os.getpid(),
         host=machine.host,
+        user=_login_name(),
         boot_id=machine.boot_id,
         pid_namespace=machine.pid_namespace,
         heartbeat_interval_seconds=HEARTBEAT_INTERVAL_SECONDS,

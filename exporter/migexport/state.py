@@ -109,6 +109,7 @@ class MigrationState:
     pid: int | None = None
     # Written by `run` from this version on; absent in older files.
     host: str | None = None
+    user: str | None = None  # who ran it (the login name `run` ran as): the report's "ran by"
     boot_id: str | None = None
     pid_namespace: str | None = None
     heartbeat_at: float | None = None
@@ -318,6 +319,7 @@ def read_state(path: Path) -> MigrationState | None:
         exit_code=f.integer("exit_code", minimum=-MAX_INT),
         pid=f.integer("pid", minimum=1),
         host=f.text("host"),
+        user=f.text("user"),
         boot_id=f.text("boot_id"),
         pid_namespace=f.text("pid_namespace"),
         heartbeat_at=f.number("heartbeat_at"),

@@ -157,7 +157,7 @@ def find_migration(config: Config, prom: Prometheus, migration_id: str | None, n
             watch_window_seconds=state.watch_window_seconds,
             source=f"state file {path}",
             host=state.host,
-            user=_owner(path),
+            user=state.user or _owner(path),
             command=_command_from_log(config, state.migration_id),
             summaries={k: v for k in ("preflight", "verify", "server_cancel") if (v := getattr(state, k))},
         )
@@ -167,7 +167,7 @@ def find_migration(config: Config, prom: Prometheus, migration_id: str | None, n
 
 
 def _owner(path: Path) -> str | None:
-    """Who wrote the state file: the user `run` ran as (the state records the host, not the user)."""
+    """Who wrote the state file: for a state written before `run` recorded its user."""
     try:
         import pwd
 
