@@ -12,7 +12,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import MONITOR_ROLE, README, ddl_lock_queue, exporter_role_sql, monitor_dsn, scrape, series, value
+from conftest import (
+    MONITOR_ROLE,
+    README,
+    ddl_lock_queue,
+    exporter_role_sql,
+    monitor_dsn,
+    scrape,
+    series,
+    value,
+    wait_for,
+)
 from migexport.config import Migration
 from migexport.dsn import Target
 
@@ -29,10 +39,14 @@ def nostats_dsn(pg) -> Iterator[tuple[str, str]]:
     with pg.primary.connect() as conn:
         conn.execute(f"DROP ROLE IF EXISTS {NOSTATS_ROLE}")
         conn.execute(sql)
-        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        oid = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (NOSTATS_ROLE,)).fetchone()[0]
     replica = pg.replicas[0]
-    with replica.connect() as conn:  # the role has reached the standby
-        conn.execute("SELECT pg_sleep(0.05) FROM generate_series(1, 100) WHERE pg_last_wal_replay_lsn() < %s", (lsn,))
+    with replica.connect() as conn:  # this role (not one of an earlier run) has reached the standby
+
+        def replicated() -> bool:
+            return conn.execute("SELECT 1 FROM pg_roles WHERE oid = %s", (oid,)).fetchone() is not None
+
+        wait_for(replicated, timeout=30, what=f"the role {NOSTATS_ROLE} to reach the standby")
     yield pg.primary.dsn(user=NOSTATS_ROLE), replica.dsn(user=NOSTATS_ROLE)
     with pg.primary.connect() as conn:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (NOSTATS_ROLE,))
