@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import subprocess
 import time
 import tracemalloc
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_binary
 from migexport.baseline_file import BaselineError, read_baseline
 from migexport.cli import main
 from migexport.config import ConfigError, Thresholds, load_config, parse_config
@@ -97,9 +97,7 @@ def test_alert_for_promtool_cannot_represent_is_refused(tmp_path: Path):
 
 
 def test_the_longest_duration_allowed_renders_rules_promtool_accepts(tmp_path: Path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed")
+    promtool = require_binary("promtool", "prometheus")
     seconds = parse_duration("2562047h")  # the longest whole hours Prometheus can hold
     assert seconds <= PROMETHEUS_MAX_DURATION_SECONDS
     config = parse_config(
