@@ -5,7 +5,7 @@ the actual value and whether it passed. One source for the dashboard, the report
   (`migration.time_budget`, `run --time-limit`); passed when actual < target.
 - error_rate_change: the error ratio over the watch window − the baseline's (absolute); target
   `success_error_rate_change_max` (0.01: one point); passed when actual < target.
-- response_time_change: (live − baseline) / floored baseline, the worst of the statement latency and every
+- response_time_change: floored live / floored baseline − 1, the worst of the statement latency and every
   probe's p95 over the watch window; target `success_latency_change_max` (0.10); passed when actual < target.
 - rollback_required: 1 once an `action="rollback"` alert fired for the migration, else 0; target 0; passed
   when actual ≤ target.
@@ -15,8 +15,9 @@ the actual value and whether it passed. One source for the dashboard, the report
 
 Live values use the same estimators as the alerts (counts with the exporter's own left out, Δexec/Δcalls,
 histogram_quantile over the probe buckets), over the watch window instead of the rate window: the
-table judges the whole migration, the alerts the last minutes. Baselines are floored as in the alerts,
-so a change of microseconds on a sub-millisecond baseline does not read as +50 %.
+table judges the whole migration, the alerts the last minutes. Both sides are floored as in the alerts
+(`latency_floor`, `probe_latency_floor`), so a change of microseconds on a sub-millisecond baseline does not
+read as +50 %, and the row fails exactly when the live value crosses what the alert's ratio compares with.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _actuals(t: Thresholds, w: str) -> list[dict[str, object]]:
         f"{by} (increase(migexport_statements_exec_seconds_total[{w}]))\n"
         f"/ ({by} (increase(migexport_statements_calls_total[{w}])) > 0)"
     )
-    base_latency = f"clamp_min(migexport_baseline_statement_latency_seconds, {fmt(t.latency_floor_seconds)})"
+    floor, probe_floor = fmt(t.latency_floor_seconds), fmt(t.probe_latency_floor_seconds)
+    base_latency = f"clamp_min(migexport_baseline_statement_latency_seconds, {floor})"
     # Only probes that ran in the window: histogram_quantile() of flat buckets is NaN, which would FAIL.
     p95 = (
         "(histogram_quantile(0.95, sum by (job, instance, target, probe, le) "
@@ -88,14 +90,17 @@ def _actuals(t: Thresholds, w: str) -> list[dict[str, object]]:
         f"(sum by ({JOIN}, target, probe) (increase(migexport_probe_duration_seconds_count[{w}])) > 0))"
     )
     base_p95 = 'migexport_baseline_probe_latency_seconds{quantile="0.95"}'
+    # Both sides floored, as the alert's `live > clamp_min(baseline, floor) × ratio` is: a value under the
+    # floor is jitter on either side, so 0.4 ms → 1.5 ms under a 5 ms probe floor is no change (flooring
+    # the baseline alone read it +22 % and failed a `sleep 3` on a loaded machine).
     response_change = (
         f"max by ({BY_MIGRATION}) (\n"
-        f"  ({latency}\n  - on({JOIN}, target) group_left(migration_id) migexport_baseline_statement_latency_seconds)\n"
-        f"  / on({JOIN}, target, migration_id) {base_latency}\n"
+        f"  clamp_min({latency}, {floor})\n"
+        f"  / on({JOIN}, target) group_left(migration_id) {base_latency}\n"
         "or\n"
-        f"  ({p95}\n  - on({JOIN}, target, probe) group_left(migration_id) {base_p95})\n"
-        f"  / on({JOIN}, target, probe, migration_id) "
-        f"clamp_min({base_p95}, {fmt(t.probe_latency_floor_seconds)})\n)"
+        f"  clamp_min({p95}, {probe_floor})\n"
+        f"  / on({JOIN}, target, probe) group_left(migration_id) clamp_min({base_p95}, {probe_floor})\n"
+        ") - 1"
     )
     # A latch: once a rollback alert fired for the migration, the row stays 1 for as long as the
     # exporter exports that migration (its own earlier values keep it; ALERTS forget).
