@@ -58,8 +58,9 @@ def test_rolled_back_share_moves_the_counters_by_exactly_that(pg, app_db, start_
 
     assert delta("migexport_xact_rollback_total") == 10
     # PostgreSQL also counts one commit for the connection's start-up. The exporter's own queries
-    # (about ten a scrape) are subtracted; autovacuum may add one or two of its own.
-    assert delta("migexport_queries_total") >= 20
+    # (three a scrape: the pass's read, the database's counters, the statement sums) are subtracted;
+    # autovacuum may add one or two of its own.
+    assert delta("migexport_queries_total") >= 6
     assert 31 <= delta("migexport_xact_commit_total") <= 33
 
 
@@ -73,7 +74,7 @@ def test_scrapes_do_not_count_as_transactions(pg, app_db, start_exporter):
     commits = value(after, "migexport_xact_commit_total", target="app") - value(
         before, "migexport_xact_commit_total", target="app"
     )
-    assert own >= 300  # what PostgreSQL counted as commits of ours
+    assert own >= 3 * 31  # what PostgreSQL counted as commits of ours: three statements a scrape
     assert commits <= 2  # background workers (autovacuum) only
     assert value(after, "migexport_xact_rollback_total", target="app") == value(
         before, "migexport_xact_rollback_total", target="app"

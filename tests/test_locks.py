@@ -101,7 +101,8 @@ def test_scrapes_during_the_queue_are_fast_and_never_wait_or_block(pg, ddl_queue
         watcher.join(timeout=5)
     assert observations, "the exporter's session was never seen"
     assert all(wait_type != "Lock" and not blocking for _pid, wait_type, blocking in observations)
-    assert len({pid for pid, _, _ in observations}) == 1, "one connection per target"
+    # Two sessions per target: the pass's and the one beside it for the statement sums; never more.
+    assert len({pid for pid, _, _ in observations}) == 2, "two connections per target"
 
 
 def test_exporter_reads_through_an_exclusive_table_lock(pg, start_exporter):
@@ -123,7 +124,8 @@ def test_exporter_reads_through_an_exclusive_table_lock(pg, start_exporter):
 
 def test_lock_timeout_keeps_the_exporter_out_of_a_catalog_lock_queue(pg, start_exporter):
     """With pg_database locked exclusively, collectors reading it give up after lock_timeout instead of
-    queueing; the scrape completes and reports which collectors failed."""
+    queueing; the scrape completes and reports which collectors failed. The pass's read of sessions and
+    locks touches no catalog table (pg_stat_get_activity(), pg_locks), so the lock figures still come."""
     exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
     scrape(exporter.url)  # connect first: a new connection itself needs pg_database
     holder = pg.primary.connect(application_name="test-catalog-locker")
@@ -134,7 +136,9 @@ def test_lock_timeout_keeps_the_exporter_out_of_a_catalog_lock_queue(pg, start_e
         metrics = scrape(exporter.url)
         elapsed = time.monotonic() - started
         assert value(metrics, "migexport_up", target="primary") == 1
-        assert value(metrics, "migexport_collector_success", target="primary", collector="locks") == 0
+        assert value(metrics, "migexport_collector_success", target="primary", collector="locks") == 1
+        assert value(metrics, "migexport_collector_success", target="primary", collector="connections") == 1
+        # pg_stat_database and the statement sums read pg_database.
         assert value(metrics, "migexport_collector_success", target="primary", collector="transactions") == 0
         # Each failed collector waited one lock_timeout (100 ms), not the statement_timeout (2 s).
         assert elapsed < 2.0
@@ -143,6 +147,35 @@ def test_lock_timeout_keeps_the_exporter_out_of_a_catalog_lock_queue(pg, start_e
         holder.execute("ROLLBACK")
         holder.close()
     assert value(scrape(exporter.url), "migexport_collector_success", target="primary", collector="locks") == 1
+
+
+def test_a_failed_activity_read_fails_its_collectors_not_the_target(pg, start_exporter):
+    """Sessions and locks come from one statement per pass. When it fails while the server answers
+    (naming a waiter's table the exporter has not seen yet needs pg_class, which another session holds
+    exclusively: lock_timeout gives up), the target stays up, the collectors that derive from that read
+    report 0 with the reason, the others still run, and the next pass reads the queue whole again."""
+    exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
+    scrape(exporter.url)  # connected: the queue's table, made next, is not in the session's caches
+    with ddl_lock_queue(pg.primary, "fresh_lock_t", alter_app="test-migration"):
+        holder = pg.primary.connect(application_name="test-catalog-locker")
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE pg_class IN ACCESS EXCLUSIVE MODE")
+        try:
+            started = time.monotonic()
+            metrics = scrape(exporter.url)
+            elapsed = time.monotonic() - started
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert value(metrics, "migexport_up", target="primary") == 1
+        for collector in ("locks", "connections", "replication"):
+            assert value(metrics, "migexport_collector_success", target="primary", collector=collector) == 0
+        assert value(metrics, "migexport_collector_success", target="primary", collector="transactions") == 1
+        assert "migexport_lock_waiting_sessions" not in {name for name, _ in metrics}
+        assert elapsed < 2.0  # one lock_timeout (100 ms), not the statement_timeout
+        after = scrape(exporter.url)
+        assert value(after, "migexport_collector_success", target="primary", collector="locks") == 1
+        assert value(after, "migexport_lock_waiting_sessions", target="primary") == 4
 
 
 def lock_waits_of_exporter(conn) -> int:
@@ -156,7 +189,7 @@ def test_exporter_session_settings(pg, start_exporter):
     exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
     scrape(exporter.url)
     worker = exporter.collector.workers[0]
-    conn = worker._connection()
+    conn, _ = worker._main.connection()
     settings = dict(
         conn.execute(
             "SELECT name, setting FROM pg_settings WHERE name IN "

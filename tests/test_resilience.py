@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from conftest import Metrics, monitor_dsn, scrape, series, value, wait_for
 from migexport import localpg
 from migexport.dsn import Target
+from migexport.service import Exporter
 
 PREFIX = "migexport-test-"
 EXPORTER_SESSIONS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name = 'migexport' ORDER BY pid"
@@ -26,6 +27,12 @@ def exporter_pids(cluster: localpg.LocalCluster) -> list[int]:
     """Backend pids of the exporter's sessions, seen as superuser through a fresh connection."""
     with cluster.connect() as conn:
         return [pid for (pid,) in conn.execute(EXPORTER_SESSIONS_SQL).fetchall()]
+
+
+def session_pids(exporter: Exporter, target: str) -> tuple[int, int]:
+    """The backend pids of a target's two sessions: the pass's, and the one beside it (statement sums)."""
+    (worker,) = [w for w in exporter.collector.workers if w.name == target]
+    return worker._main.conn.info.backend_pid, worker._second.conn.info.backend_pid
 
 
 def test_database_down_at_start_then_up(start_exporter):
@@ -64,7 +71,7 @@ def test_primary_restart_while_exporter_runs(start_exporter):
         assert up(m, "db") == 1
         assert value(m, "migexport_connections_max", target="db") > 0
         assert value(m, "migexport_connection_attempts_total", target="db") > attempts_before
-        assert len(exporter_pids(setup.primary)) == 1
+        assert len(exporter_pids(setup.primary)) == 2  # the pass's session and the one beside it
 
 
 def test_terminated_session_voids_one_pass_then_reconnects(start_exporter):
@@ -73,13 +80,13 @@ def test_terminated_session_voids_one_pass_then_reconnects(start_exporter):
         m = scrape(exporter.url)
         assert up(m, "db") == 1
         attempts_before = value(m, "migexport_connection_attempts_total", target="db")
-        (old_pid,) = exporter_pids(setup.primary)
+        old_pid, beside_pid = session_pids(exporter, "db")
 
         with setup.primary.connect() as conn:
             # With a timeout, pg_terminate_backend waits until the backend is gone.
             (gone,) = conn.execute("SELECT pg_terminate_backend(%s, 10000)", (old_pid,)).fetchone()  # type: ignore[misc]
         assert gone is True
-        assert exporter_pids(setup.primary) == []
+        assert exporter_pids(setup.primary) == [beside_pid]
 
         # psycopg learns that the session is gone only when the pass sends its first statement:
         # that pass is void (up 0, no server samples) and drops the connection...
@@ -90,8 +97,21 @@ def test_terminated_session_voids_one_pass_then_reconnects(start_exporter):
         m = scrape(exporter.url)
         assert up(m, "db") == 1
         assert value(m, "migexport_connection_attempts_total", target="db") == attempts_before + 1
-        (new_pid,) = exporter_pids(setup.primary)
-        assert new_pid != old_pid
+        new_pid, same_beside_pid = session_pids(exporter, "db")
+        assert new_pid != old_pid and same_beside_pid == beside_pid
+        assert sorted(exporter_pids(setup.primary)) == sorted([new_pid, beside_pid])
+
+        # The second session terminated: its collector (the statement sums) fails for one pass while
+        # the target stays up, then it reconnects.
+        with setup.primary.connect() as conn:
+            conn.execute("SELECT pg_terminate_backend(%s, 10000)", (beside_pid,))
+        m = scrape(exporter.url)
+        assert up(m, "db") == 1
+        assert value(m, "migexport_collector_success", target="db", collector="statements") == 0
+        assert value(m, "migexport_collector_success", target="db", collector="locks") == 1
+        m = scrape(exporter.url)
+        assert value(m, "migexport_collector_success", target="db", collector="statements") == 1
+        assert value(m, "migexport_connection_attempts_total", target="db") == attempts_before + 2
 
 
 def test_hung_backend_does_not_hang_the_scrape(pg, start_exporter):
@@ -115,7 +135,7 @@ def test_hung_backend_does_not_hang_the_scrape(pg, start_exporter):
         assert per_pass > 0
         before = queries[2]
 
-        (pid,) = exporter_pids(setup.primary)
+        pid, beside_pid = session_pids(exporter, "hung")
         os.kill(pid, signal.SIGSTOP)
         try:
             with ThreadPoolExecutor(max_workers=8) as pool:
@@ -123,8 +143,8 @@ def test_hung_backend_does_not_hang_the_scrape(pg, start_exporter):
             for m in results:
                 assert up(m, "hung") == 0
                 assert up(m, "healthy") == 1
-            # The stuck pass holds the one session; no scrape opened another.
-            assert exporter_pids(setup.primary) == [pid]
+            # The stuck pass holds its session; no scrape opened another.
+            assert sorted(exporter_pids(setup.primary)) == sorted([pid, beside_pid])
         finally:
             os.kill(pid, signal.SIGCONT)
 
@@ -136,4 +156,31 @@ def test_hung_backend_does_not_hang_the_scrape(pg, start_exporter):
 
         wait_for(lambda: up(scrape(url), "hung") == 1, timeout=10, what="the resumed target to be up")
         assert up(scrape(url), "healthy") == 1
-        assert len(exporter_pids(setup.primary)) == 1
+        assert len(exporter_pids(setup.primary)) == 2
+
+
+def test_a_hung_second_session_fails_its_collector_not_the_target(start_exporter):
+    """The statement sums are read on a second session while the pass runs. Its backend frozen, every
+    scrape still answers in time with the target up and the pass's collectors working; only the
+    statement sums report 0, and they come back when the backend does."""
+    with localpg.local_setup(replicas=0, prefix=PREFIX) as setup:
+        exporter = start_exporter(Target("db", setup.primary.dsn()), scrape_timeout=1.0)
+        assert up(scrape(exporter.url), "db") == 1
+        _, beside_pid = session_pids(exporter, "db")
+        os.kill(beside_pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                m = scrape(exporter.url)
+                assert up(m, "db") == 1
+                assert value(m, "migexport_collector_success", target="db", collector="statements") == 0
+                assert value(m, "migexport_collector_success", target="db", collector="transactions") == 1
+                assert value(m, "migexport_collector_success", target="db", collector="connections") == 1
+        finally:
+            os.kill(beside_pid, signal.SIGCONT)
+        wait_for(
+            lambda: (
+                value(scrape(exporter.url), "migexport_collector_success", target="db", collector="statements") == 1
+            ),
+            timeout=10,
+            what="the statement sums to come back",
+        )

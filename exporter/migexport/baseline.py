@@ -216,6 +216,7 @@ class _TargetSampler:
         return snapshot_doc(self.top_start, self.top_end, texts, limit)
 
     def sample(self) -> None:
+        self.ctx.new_pass()
         conns = self.collectors["connections"].collect(self.ctx)
         self.connection_samples.append({k: v for k, v in values_of(conns, connections.CONNECTIONS).items()})
         self.connections_max = value_of(conns, connections.CONNECTIONS_MAX)
@@ -258,11 +259,13 @@ def _open_sampler(config: Config, target_name: str, session: SessionSettings) ->
         "standby": replication.StandbyReplicationCollector(),
         "size": size.SizeCollector(),
     }
+    # The session collectors of one tick share one read of pg_stat_activity (see sample()).
+    parts = [part for c in collectors.values() for part in c.activity_parts(version)]
     return _TargetSampler(
         target_name,
         conn,
         server,
-        Context(target_name, conn, server),
+        Context(target_name, conn, server, activity_parts=parts),
         collectors,
         excluded_roles=(config.migration.role,),
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -111,11 +110,11 @@ class MigexportCollector(PromCollector):
         self.scrape_timeout_seconds = scrape_timeout_seconds
 
     def snapshots(self) -> list[Snapshot]:
+        """Every target's pass started at once (each on its worker's thread), then each awaited until
+        the one deadline: a hung target costs the scrape its deadline, never the other targets' results."""
         deadline = time.monotonic() + self.scrape_timeout_seconds
-        # Waiting threads of our own for each scrape: with a shared pool, concurrent scrapes waiting on
-        # a hung target would hold every thread until their deadline and starve the healthy targets.
-        with ThreadPoolExecutor(max_workers=max(1, len(self.workers)), thread_name_prefix="migexport-scrape") as pool:
-            return list(pool.map(lambda w: w.snapshot(deadline), self.workers))
+        running = [worker.begin(deadline) for worker in self.workers]
+        return [worker.finish(future, deadline) for worker, future in zip(self.workers, running, strict=True)]
 
     def collect(self) -> Iterator[Metric]:
         snaps = self.snapshots()

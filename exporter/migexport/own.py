@@ -22,7 +22,8 @@ from typing import Any
 
 # PostgreSQL 15+. A backend flushes its transaction counts only along with other pending statistics,
 # so the statement also reads a catalog row: without it our commits surface seconds later, at random.
-FLUSH_SQL = "SELECT pg_stat_force_next_flush() FROM (SELECT 1 FROM pg_catalog.pg_am LIMIT 1) AS touch"
+FLUSH_EXPR = "(SELECT pg_stat_force_next_flush() FROM (SELECT 1 FROM pg_catalog.pg_am LIMIT 1) AS touch)::text"
+FLUSH_SQL = "SELECT " + FLUSH_EXPR
 FLUSH_MIN_VERSION = 150000
 # Measured on PostgreSQL 15: a new connection adds one commit to xact_commit before its first statement.
 COMMITS_PER_CONNECTION = 1

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 from migexport.checks.preflight_common import Session, fmt_bytes
 from migexport.checks.result import CheckResult, Status
-from migexport.collectors.connections import LIMIT_SQL
+from migexport.collectors.connections import CONNECTIONS_PART
 
-CONNECTIONS_SQL = """
-SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'
-"""
 # A recursive walk of pg_inherits rather than pg_partition_tree(), which locks the partitions.
 SIZES_SQL = """
 WITH RECURSIVE tree(root, rel) AS (
@@ -47,8 +44,9 @@ CONNECTIONS, SIZE = "connections", "table_size"
 
 
 def check_connections(session: Session) -> list[CheckResult]:
-    (used,) = session.ctx.query_one(CONNECTIONS_SQL)
-    (usable,) = session.ctx.query_one(LIMIT_SQL)
+    # The connections collector's own read: client backends by state, and the usable slots.
+    by_state, usable = session.ctx.activity(CONNECTIONS_PART)
+    used = sum(count for _state, count, *_ in by_state or [])
     share_max = session.config.thresholds.connections_utilisation_max
     share = used / usable if usable > 0 else 1.0
     value = f"{used} of {usable} ({share:.0%})"

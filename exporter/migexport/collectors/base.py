@@ -10,8 +10,9 @@ from typing import Any, ClassVar
 
 import psycopg
 
+from migexport.collectors.activity import ActivityPart, ActivityUnavailable, read, unique_parts
 from migexport.metrics import MetricSpec, Sample
-from migexport.own import OwnTransactions, SessionLedger
+from migexport.own import FLUSH_EXPR, OwnTransactions, SessionLedger
 
 # Every statement the exporter sends starts with this comment. It makes our sessions easy to spot
 # in pg_stat_activity and lets the statements collector leave our own queries out of the latency sums.
@@ -35,10 +36,18 @@ CAN_READ_ALL_STATS_SQL = "pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'
 
 
 class Context:
-    """One collection pass over one target: its connection and what we learned about the server."""
+    """One collection pass over one target: its connection and what we learned about the server.
+
+    A Context kept across passes (the baseline sampler's) starts each one with `new_pass()`.
+    """
 
     def __init__(
-        self, target: str, conn: psycopg.Connection, server: ServerInfo, ledger: SessionLedger | None = None
+        self,
+        target: str,
+        conn: psycopg.Connection,
+        server: ServerInfo,
+        ledger: SessionLedger | None = None,
+        activity_parts: Sequence[ActivityPart] = (),
     ) -> None:
         self.target = target
         self.conn = conn
@@ -47,22 +56,55 @@ class Context:
         # (the baseline sampler).
         self.ledger = ledger
         self.queries = 0
-        # Set by the locks collector, reused by collectors that need the same wait graph.
-        self.lock_graph: Any = None
-        self.lock_waiters: list[Any] = []
+        # The parts of this pass's one read of pg_stat_activity (see collectors.activity), and what
+        # collectors derived from it (the lock graph), so a second collector does not derive it again.
+        self.activity_parts = unique_parts(activity_parts)
+        self._activity: dict[str, Any] = {}
+        self.activity_error: str | None = None  # why this pass's activity read failed
+        self.derived: dict[str, Any] = {}
+        # Set when this pass's first statement already made the server publish our transactions.
+        self.own_published = False
 
-    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple]:
+    def new_pass(self) -> None:
+        self._activity.clear()
+        self.activity_error = None
+        self.derived.clear()
+        self.own_published = False
+
+    def activity(self, part: ActivityPart) -> Any:
+        """`part`'s value in this pass: every registered part is read by the first call, in one statement."""
+        if self.activity_error is not None:
+            raise ActivityUnavailable(self.activity_error)
+        if part.name not in self._activity:
+            wanted = [p for p in self.activity_parts if p.name not in self._activity]
+            if part.name not in {p.name for p in wanted}:
+                wanted.append(part)
+            self.preload(read(self, wanted)[1])
+        return self._activity[part.name]
+
+    def preload(self, values: dict[str, Any]) -> None:
+        self._activity.update(values)
+
+    def query(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None, publish_own: bool = False
+    ) -> list[tuple]:
+        """Rows of one autocommit statement. `publish_own`: the statement also makes the server publish
+        our transactions so far, its own included, as it ends (PostgreSQL 15+; at most its rows)."""
         self.queries += 1
+        self.own_published = False  # this statement's own commit is not published yet
+        flush = publish_own and self.ledger is not None and self.ledger.can_flush
         if self.ledger is not None:
             self.ledger.ending(ok=True)  # an autocommit statement is a transaction of ours
         try:
             with self.conn.cursor() as cur:
-                cur.execute(MARKER + sql, params)  # type: ignore[arg-type]
-                return cur.fetchall()
+                cur.execute(MARKER + (f"SELECT q.*, {FLUSH_EXPR} FROM ({sql}) AS q" if flush else sql), params)  # type: ignore[arg-type]
+                rows = cur.fetchall()
         except psycopg.Error:
             if self.ledger is not None:
                 self.ledger.failed_instead(broken=self.conn.broken)
             raise
+        self.own_published = flush and bool(rows)
+        return [row[:-1] for row in rows] if flush else rows
 
     @property
     def own(self) -> OwnTransactions | None:
@@ -70,12 +112,14 @@ class Context:
 
     def publish_own_transactions(self) -> None:
         """Make the server's counters include everything this connection did (PostgreSQL 15+)."""
-        if self.ledger is not None:
+        if self.ledger is not None and not self.own_published:
             self.queries += int(self.ledger.can_flush)
             self.ledger.flush(self.conn, MARKER)
 
-    def query_one(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> tuple:
-        rows = self.query(sql, params)
+    def query_one(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None, publish_own: bool = False
+    ) -> tuple:
+        rows = self.query(sql, params, publish_own)
         if len(rows) != 1:
             raise RuntimeError(f"expected one row, got {len(rows)}")
         return rows[0]
@@ -95,6 +139,12 @@ class Collector(ABC):
     # (ServerInfo.can_read_all_stats False) they would read low, a calm 0 during a lock queue, so they
     # are not run and report collector_success 0 instead.
     needs_all_stats: ClassVar[bool] = False
+    # True for a collector whose queries cost the same whatever the sessions do (pg_stat_statements'
+    # sums): the exporter runs it on a second session while the pass reads the sessions and locks.
+    beside_the_pass: ClassVar[bool] = False
+    # True for a collector that reads the server's transaction counters and subtracts our own: it runs
+    # once every statement of ours in the pass has been published (see own.py).
+    reads_own_transactions: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._cached: list[Sample] | None = None
@@ -102,6 +152,10 @@ class Collector(ABC):
 
     def applies(self, server: ServerInfo) -> bool:
         return True
+
+    def activity_parts(self, version_num: int) -> tuple[ActivityPart, ...]:
+        """What this collector reads from the pass's one pg_stat_activity read (see collectors.activity)."""
+        return ()
 
     @abstractmethod
     def collect(self, ctx: Context) -> list[Sample]:

@@ -15,39 +15,51 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from migexport.collectors.activity import ActivityPart
 from migexport.collectors.base import Collector, Context
 from migexport.metrics import MetricSpec, Sample
 
-# Only backends actually waiting on a heavyweight lock: pg_blocking_pids() is evaluated for the
-# result rows only, so it never runs for the (many) sessions that are not waiting.
-# relation::regclass resolves the name from the catalog cache: it takes no lock on the table.
-WAITERS_SQL_TEMPLATE = """
-SELECT a.pid,
-       l.locktype,
-       l.mode,
-       CASE
-         WHEN l.relation IS NULL THEN NULL
-         WHEN l.database IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
-           THEN l.relation::regclass::text
-         ELSE 'oid ' || l.relation
-       END,
-       {wait_seconds},
-       pg_blocking_pids(a.pid)
-FROM pg_stat_activity a
-JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
-WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid()
-"""
+# The waiters: backends waiting on a heavyweight lock, with the lock they wait for. pg_locks and
+# pg_blocking_pids() are read only when the pass's activity shows a Lock wait (the CASE below): both
+# take the lock manager's partition locks, and pg_blocking_pids() runs once per waiter, never for the
+# (many) sessions that are not waiting. relation::regclass resolves the name from the catalog cache:
+# it takes no lock on the table.
+WAITERS_CTE_TEMPLATE = """w AS MATERIALIZED (
+  SELECT a.pid, l.locktype, l.mode,
+         CASE
+           WHEN l.relation IS NULL THEN NULL
+           WHEN l.database IN (0, (SELECT datid FROM a WHERE a.pid = pg_backend_pid()))
+             THEN l.relation::regclass::text
+           ELSE 'oid ' || l.relation
+         END AS relation,
+         {wait_seconds} AS wait_seconds,
+         pg_blocking_pids(a.pid) AS blockers
+  FROM a JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
+  WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid()
+)"""
 # PostgreSQL 14 added pg_locks.waitstart; it is NULL for a moment right after a wait begins.
 WAIT_SECONDS_SINCE_14 = "coalesce(extract(epoch FROM clock_timestamp() - l.waitstart), 0)::float8"
 # Before 14 only the statement's start is known: an upper bound of the wait (said in the HELP text).
 WAIT_SECONDS_BEFORE_14 = "coalesce(extract(epoch FROM clock_timestamp() - a.query_start), 0)::float8"
+# [waiters, roots]: each waiter as [pid, locktype, mode, relation, wait seconds, blockers]; each
+# session that blocks others without waiting itself (a root) as [pid, usename, application_name,
+# state, transaction age]. NULL when nothing waits.
+LOCKS_SELECT = """CASE WHEN EXISTS (SELECT 1 FROM a WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid())
+THEN json_build_array(
+  (SELECT json_agg(json_build_array(pid, locktype, mode, relation, wait_seconds, blockers)) FROM w),
+  (SELECT json_agg(json_build_array(a.pid, coalesce(pg_get_userbyid(a.usesysid)::text, ''),
+                                    coalesce(a.application_name, ''),
+                                    coalesce(a.state, ''),
+                                    coalesce(extract(epoch FROM clock_timestamp() - a.xact_start), 0)::float8))
+   FROM a
+   WHERE a.pid IN (SELECT unnest(w.blockers) FROM w) AND a.pid NOT IN (SELECT w.pid FROM w))
+) END"""
 
-ROOTS_SQL = """
-SELECT pid, coalesce(usename, ''), coalesce(application_name, ''), coalesce(state, ''),
-       coalesce(extract(epoch FROM clock_timestamp() - xact_start), 0)::float8
-FROM pg_stat_activity
-WHERE pid = ANY(%s)
-"""
+
+def locks_part(version_num: int) -> ActivityPart:
+    wait = WAIT_SECONDS_SINCE_14 if version_num >= 140000 else WAIT_SECONDS_BEFORE_14
+    return ActivityPart("locks", LOCKS_SELECT, (WAITERS_CTE_TEMPLATE.format(wait_seconds=wait),))
+
 
 TOP_RELATIONS = 10
 TOP_ROOTS = 5
@@ -99,12 +111,16 @@ class LockGraph:
         """Sessions that block someone and wait for nothing."""
         return {b for bs in self.blockers.values() for b in bs} - self.waiting()
 
-    def blocked_by(self, pid: int) -> set[int]:
-        """Every session that waits, directly or through others, on `pid`."""
+    def _waiters_of(self) -> dict[int, list[int]]:
         waiters: dict[int, list[int]] = {}
         for waiter, bs in self.blockers.items():
             for b in bs:
                 waiters.setdefault(b, []).append(waiter)
+        return waiters
+
+    def blocked_by(self, pid: int, waiters_of: dict[int, list[int]] | None = None) -> set[int]:
+        """Every session that waits, directly or through others, on `pid`."""
+        waiters = self._waiters_of() if waiters_of is None else waiters_of
         seen: set[int] = set()
         queue = deque(waiters.get(pid, []))
         while queue:
@@ -114,6 +130,11 @@ class LockGraph:
             seen.add(w)
             queue.extend(waiters.get(w, []))
         return seen
+
+    def blocked_counts(self, pids: set[int]) -> dict[int, int]:
+        """For each of `pids`, how many sessions it blocks transitively (the reverse edges built once)."""
+        waiters = self._waiters_of()
+        return {pid: len(self.blocked_by(pid, waiters)) for pid in pids}
 
 
 @dataclass
@@ -132,19 +153,39 @@ class Waiter:
         return f"({self.locktype})"
 
 
+@dataclass
+class LockSnapshot:
+    """The pass's lock waits: the waiters, their graph, and who the roots are (pid -> labels, xact age)."""
+
+    waiters: list[Waiter]
+    graph: LockGraph
+    root_details: dict[int, tuple[str, str, str, float]]
+
+
+def lock_snapshot(ctx: Context) -> LockSnapshot:
+    """Derived once per pass from the pass's activity read, for every collector that needs it."""
+    if "locks" not in ctx.derived:
+        value = ctx.activity(locks_part(ctx.server.version_num))
+        rows, roots = value if value is not None else (None, None)
+        waiters = [Waiter(pid, lt, mode, rel, secs, list(bs or [])) for pid, lt, mode, rel, secs, bs in rows or []]
+        details = {pid: (usename, app, state, age) for pid, usename, app, state, age in roots or []}
+        ctx.derived["locks"] = LockSnapshot(waiters, LockGraph({w.pid: w.blockers for w in waiters}), details)
+    return ctx.derived["locks"]
+
+
 class LocksCollector(Collector):
     name = "locks"
     needs_all_stats = True
     specs = (WAITING, WAIT_MAX, BY_RELATION, ROOTS, MAX_BLOCKED, ROOT_BLOCKED, ROOT_XACT_AGE)
 
-    def collect(self, ctx: Context) -> list[Sample]:
-        waiters = self.waiters(ctx)
-        graph = LockGraph({w.pid: w.blockers for w in waiters})
-        # Later collectors (the migration's own session) reuse the graph instead of asking again.
-        ctx.lock_graph, ctx.lock_waiters = graph, waiters
-        roots = graph.roots()
-        blocked_counts = {root: len(graph.blocked_by(root)) for root in roots}
+    def activity_parts(self, version_num: int) -> tuple[ActivityPart, ...]:
+        return (locks_part(version_num),)
 
+    def collect(self, ctx: Context) -> list[Sample]:
+        snap = lock_snapshot(ctx)
+        waiters, graph = snap.waiters, snap.graph
+        roots = graph.roots()
+        blocked_counts = graph.blocked_counts(roots)
         samples = [
             WAITING.sample(len(waiters)),
             WAIT_MAX.sample(max((w.wait_seconds for w in waiters), default=0.0)),
@@ -152,14 +193,8 @@ class LocksCollector(Collector):
             MAX_BLOCKED.sample(max(blocked_counts.values(), default=0)),
         ]
         samples += self._by_relation(waiters)
-        samples += self._top_roots(ctx, blocked_counts)
+        samples += self._top_roots(snap.root_details, blocked_counts)
         return samples
-
-    @staticmethod
-    def waiters(ctx: Context) -> list[Waiter]:
-        wait_expr = WAIT_SECONDS_SINCE_14 if ctx.server.version_num >= 140000 else WAIT_SECONDS_BEFORE_14
-        rows = ctx.query(WAITERS_SQL_TEMPLATE.format(wait_seconds=wait_expr))
-        return [Waiter(pid, lt, mode, rel, secs, list(bs or [])) for pid, lt, mode, rel, secs, bs in rows]
 
     @staticmethod
     def _by_relation(waiters: list[Waiter]) -> list[Sample]:
@@ -171,13 +206,11 @@ class LocksCollector(Collector):
         return [BY_RELATION.sample(n, relation=rel, mode=mode) for (rel, mode), n in sorted(counts.items())]
 
     @staticmethod
-    def _top_roots(ctx: Context, blocked_counts: dict[int, int]) -> list[Sample]:
-        if not blocked_counts:
-            return []
+    def _top_roots(details: dict[int, tuple[str, str, str, float]], blocked_counts: dict[int, int]) -> list[Sample]:
         top = sorted(blocked_counts, key=lambda pid: (-blocked_counts[pid], pid))[:TOP_ROOTS]
-        details = {row[0]: row[1:] for row in ctx.query(ROOTS_SQL, ([pid for pid in top if pid],))}
         samples = []
         for pid in top:
+            # pid 0 is a prepared transaction; a root gone since the read has no details either.
             usename, app, state, xact_age = details.get(pid, ("", "", "prepared" if pid == 0 else "", 0.0))
             labels = {"pid": str(pid), "usename": usename, "application_name": app, "state": state}
             samples.append(ROOT_BLOCKED.sample(blocked_counts[pid], **labels))

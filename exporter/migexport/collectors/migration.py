@@ -5,10 +5,10 @@ gone), time budget, and whether the watch window (from the start until `watch_wi
 is active; every alert keys on that last one. The series carry the id of the migration in the state
 file (the one `run` ran), so every migration series of one moment has the same `migration_id`.
 
-Session: the migration's backend is recognised by its application_name. The sessions it blocks,
-directly or through the queue behind it, are counted from the same pg_blocking_pids() graph as the
-locks collector's (no second lock-manager pass): an ALTER TABLE waiting behind an old reader with
-3 readers queued behind it blocks 3.
+Session: the migration's backend is recognised by its application_name, in the pass's one read of
+pg_stat_activity. The sessions it blocks, directly or through the queue behind it, are counted from
+the same pg_blocking_pids() graph as the locks collector's (no second lock-manager pass): an ALTER
+TABLE waiting behind an old reader with 3 readers queued behind it blocks 3.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from migexport.collectors.activity import ActivityPart
 from migexport.collectors.base import Collector, Context
+from migexport.collectors.locks import lock_snapshot, locks_part
 from migexport.metrics import MetricSpec, Sample
 from migexport.state import MigrationState, StateError, read_state, this_machine
 
 log = logging.getLogger(__name__)
 
-MIGRATION_PIDS_SQL = """
-SELECT pid FROM pg_stat_activity WHERE application_name = %s AND pid <> pg_backend_pid()
-"""
+# The migration's sessions, from the pass's one activity read.
+MIGRATION_PIDS_SELECT = (
+    "SELECT json_agg(pid) FROM a WHERE application_name = %(migration_application_name)s AND pid <> pg_backend_pid()"
+)
 
 LABELS = ("migration_id",)
 
@@ -179,7 +182,7 @@ class MigrationStateSource:
 
 
 class MigrationSessionCollector(Collector):
-    """Runs on the migration's target only, after the locks collector."""
+    """Runs on the migration's target only."""
 
     name = "migration"
     needs_all_stats = True
@@ -192,14 +195,21 @@ class MigrationSessionCollector(Collector):
         self.current_migration_id = current_migration_id
         self.application_name = application_name
 
+    def activity_parts(self, version_num: int) -> tuple[ActivityPart, ...]:
+        return (self._pids_part(), locks_part(version_num))
+
+    def _pids_part(self) -> ActivityPart:
+        return ActivityPart(
+            "migration_sessions", MIGRATION_PIDS_SELECT, params={"migration_application_name": self.application_name}
+        )
+
     def collect(self, ctx: Context) -> list[Sample]:
-        if ctx.lock_graph is None:
-            raise RuntimeError("the locks collector did not run or failed in this pass")
-        pids = {pid for (pid,) in ctx.query(MIGRATION_PIDS_SQL, (self.application_name,))}
+        pids = set(ctx.activity(self._pids_part()) or [])
+        locks = lock_snapshot(ctx)
         blocked: set[int] = set()
         for pid in pids:
-            blocked |= ctx.lock_graph.blocked_by(pid)
-        waits = [w.wait_seconds for w in ctx.lock_waiters if w.pid in pids]
+            blocked |= locks.graph.blocked_by(pid)
+        waits = [w.wait_seconds for w in locks.waiters if w.pid in pids]
         labels = {"migration_id": self.current_migration_id()}
         return [
             BLOCKED.sample(len(blocked - pids), **labels),

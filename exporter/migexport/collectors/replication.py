@@ -15,33 +15,44 @@ from __future__ import annotations
 import math
 import time
 
+from migexport.collectors.activity import ActivityPart
 from migexport.collectors.base import Collector, Context, ServerInfo
 from migexport.metrics import MetricSpec, Sample
 
-STANDBYS_SQL = """
-SELECT pid, coalesce(application_name, ''), coalesce(client_addr::text, ''), coalesce(state, ''),
-       pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8,
-       extract(epoch FROM replay_lag)::float8
-FROM pg_stat_replication
-ORDER BY pid
-"""
-SLOTS_SQL = """
-SELECT slot_name, active,
-       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::float8,
-       coalesce(wal_status, '')
-FROM pg_replication_slots
-ORDER BY slot_name
-"""
-# pg_stat_wal_receiver shows its status only to roles with pg_read_all_stats (pg_monitor has it).
-STANDBY_SQL_TEMPLATE = """
-SELECT coalesce((SELECT status FROM pg_stat_wal_receiver), 'none'),
-       coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::float8,
-       extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8,
-       extract(epoch FROM clock_timestamp() - pg_postmaster_start_time())::float8,
-       {paused}
-"""
+# On a primary (the CASE keeps pg_current_wal_lsn(), which fails during recovery, from running on a
+# standby): [standbys, slots]. The standbys come from pg_stat_get_wal_senders() joined with the pass's
+# activity read, which is what pg_stat_replication is, without its own pass over pg_stat_activity; the
+# slots from pg_get_replication_slots(), which is pg_replication_slots without its join to pg_database
+# (a lock on that catalog must not fail the pass's read).
+PRIMARY_SELECT = """CASE WHEN NOT pg_is_in_recovery() THEN json_build_array(
+  (SELECT json_agg(json_build_array(w.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, ''),
+                                    coalesce(w.state, ''),
+                                    pg_wal_lsn_diff(pg_current_wal_lsn(), w.replay_lsn)::float8,
+                                    extract(epoch FROM w.replay_lag)::float8) ORDER BY w.pid)
+   FROM pg_stat_get_wal_senders() AS w JOIN a ON a.pid = w.pid),
+  (SELECT json_agg(json_build_array(slot_name, active,
+                                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::float8,
+                                    coalesce(wal_status, '')) ORDER BY slot_name)
+   FROM pg_get_replication_slots())
+) END"""
+PRIMARY_PART = ActivityPart("replication", PRIMARY_SELECT)
+# On a standby. pg_stat_wal_receiver shows its status only to roles with pg_read_all_stats (pg_monitor
+# has it); the pause state function fails on a primary, hence the CASE.
+STANDBY_SELECT_TEMPLATE = """CASE WHEN pg_is_in_recovery() THEN json_build_array(
+  coalesce((SELECT status FROM pg_stat_wal_receiver), 'none'),
+  coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::float8,
+  extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8,
+  extract(epoch FROM clock_timestamp() - pg_postmaster_start_time())::float8,
+  {paused}
+) END"""
 PAUSED_SINCE_14 = "pg_get_wal_replay_pause_state() <> 'not paused'"
 PAUSED_BEFORE_14 = "pg_is_wal_replay_paused()"
+
+
+def standby_part(version_num: int) -> ActivityPart:
+    paused = PAUSED_SINCE_14 if version_num >= 140000 else PAUSED_BEFORE_14
+    return ActivityPart("standby", STANDBY_SELECT_TEMPLATE.format(paused=paused))
+
 
 LAG_SECONDS = MetricSpec(
     "migexport_replication_lag_seconds",
@@ -106,8 +117,14 @@ class PrimaryReplicationCollector(Collector):
     def applies(self, server: ServerInfo) -> bool:
         return not server.in_recovery
 
+    def activity_parts(self, version_num: int) -> tuple[ActivityPart, ...]:
+        return (PRIMARY_PART,)
+
     def collect(self, ctx: Context) -> list[Sample]:
-        rows = ctx.query(STANDBYS_SQL)
+        value = ctx.activity(PRIMARY_PART)
+        if value is None:
+            raise RuntimeError("the server is in recovery: no standbys to report")
+        rows, slots = value[0] or [], value[1] or []
         labels = standby_labels([(pid, app, addr) for pid, app, addr, *_ in rows])
         samples: list[Sample] = []
         now = time.monotonic()
@@ -119,7 +136,7 @@ class PrimaryReplicationCollector(Collector):
             samples.append(LAG_SECONDS.sample(self._lag_seconds(standby, lag_bytes, replay_lag, now), standby=standby))
         self._behind_since = {k: v for k, v in self._behind_since.items() if k in labels.values()}
         samples.append(STANDBYS.sample(streaming))
-        for slot, active, retained, wal_status in ctx.query(SLOTS_SQL):
+        for slot, active, retained, wal_status in slots:
             samples.append(SLOT_RETAINED.sample(retained, slot=slot))
             samples.append(SLOT_ACTIVE.sample(int(active), slot=slot))
             samples.append(SLOT_WAL_LOST.sample(int(wal_status in ("unreserved", "lost")), slot=slot))
@@ -144,11 +161,14 @@ class StandbyReplicationCollector(Collector):
     def applies(self, server: ServerInfo) -> bool:
         return server.in_recovery
 
+    def activity_parts(self, version_num: int) -> tuple[ActivityPart, ...]:
+        return (standby_part(version_num),)
+
     def collect(self, ctx: Context) -> list[Sample]:
-        paused_expr = PAUSED_SINCE_14 if ctx.server.version_num >= 140000 else PAUSED_BEFORE_14
-        status, lag_bytes, replay_age, server_age, paused = ctx.query_one(
-            STANDBY_SQL_TEMPLATE.format(paused=paused_expr)
-        )
+        value = ctx.activity(standby_part(ctx.server.version_num))
+        if value is None:
+            raise RuntimeError("the server is not in recovery: no standby to report")
+        status, lag_bytes, replay_age, server_age, paused = value
         streaming = status == "streaming"
         if streaming and lag_bytes <= 0:
             lag = 0.0

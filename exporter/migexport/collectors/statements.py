@@ -17,6 +17,8 @@ exported as counters that only add increases (migexport.own.MonotonicSum).
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 from migexport.collectors.base import Collector, Context
@@ -38,6 +40,8 @@ FROM {schema}.pg_stat_statements(false)
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND {toplevel} userid <> ALL (SELECT oid FROM pg_roles WHERE rolname = current_user OR rolname = ANY(%s))
 """
+
+EXTENSION_RECHECK_SECONDS = 60.0
 
 AVAILABLE = MetricSpec(
     "migexport_statements_available",
@@ -81,23 +85,43 @@ def totals_sql(schema: str, version: str) -> str:
 
 class StatementsCollector(Collector):
     name = "statements"
+    # Its cost follows the number of statements (about 0.5 µs each), not the sessions: it runs beside
+    # the pass, on a session of its own.
+    beside_the_pass = True
     specs = (AVAILABLE, CALLS, EXEC_SECONDS, EXEC_SECONDS_SQUARED)
 
     def __init__(self, excluded_roles: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.excluded_roles = [r for r in excluded_roles if r]
         self._sums = (MonotonicSum(), MonotonicSum(), MonotonicSum())
+        # The totals statement for a connection (None: the extension is not installed), so the
+        # extension is looked up once per connection, not once per scrape. A missing one is looked
+        # up again after EXTENSION_RECHECK_SECONDS: a CREATE EXTENSION shows without a reconnect.
+        self._sql_for: tuple[object, str | None, float] | None = None
+
+    def _totals_sql(self, ctx: Context) -> str | None:
+        now = time.monotonic()
+        cached = self._sql_for
+        if cached is not None and cached[0] is ctx.conn and (cached[1] or now - cached[2] < EXTENSION_RECHECK_SECONDS):
+            return cached[1]
+        rows = ctx.query(EXTENSION_SQL)
+        sql = totals_sql(*rows[0]) if rows else None
+        self._sql_for = (ctx.conn, sql, now)
+        return sql
 
     def collect(self, ctx: Context) -> list[Sample]:
-        rows = ctx.query(EXTENSION_SQL)
-        if not rows:
+        sql = self._totals_sql(ctx)
+        if sql is None:
             return [AVAILABLE.sample(0)]
-        schema, version = rows[0]
         try:
-            raw = ctx.query_one(totals_sql(schema, version), (self.excluded_roles,))
+            # Publishing our transactions with it: the transactions collector reads after it.
+            raw = ctx.query_one(sql, (self.excluded_roles,), publish_own=True)
         except psycopg.errors.ObjectNotInPrerequisiteState:
             # Installed but not in shared_preload_libraries: report it, do not fail the scrape.
             return [AVAILABLE.sample(0)]
+        except psycopg.errors.UndefinedFunction:
+            self._sql_for = None  # dropped (or moved) since we looked: look again next time
+            raise
         calls, seconds, squared = (s.update(v) for s, v in zip(self._sums, raw, strict=True))
         return [
             AVAILABLE.sample(1),

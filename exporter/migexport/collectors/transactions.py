@@ -39,6 +39,7 @@ STATS_RESET = MetricSpec(
 
 class TransactionsCollector(Collector):
     name = "transactions"
+    reads_own_transactions = True
     specs = (COMMITS, ROLLBACKS, DEADLOCKS, STATS_RESET)
 
     def __init__(self) -> None:

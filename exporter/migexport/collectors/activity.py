@@ -1,0 +1,87 @@
+"""One read of pg_stat_activity per collection pass, shared by every collector that derives from it.
+
+Each pass over pg_stat_activity builds a row per backend, and at 2,000 sessions that costs about
+2 ms of database time whatever the query asks of it (most of it is the function's row building;
+pg_stat_replication is built on the same function). Collectors that need sessions (connections,
+locks, the migration's sessions, the standbys) therefore do not query it themselves: each declares
+an `ActivityPart`, one expression over the materialised CTE `a`, and a pass sends every part in one
+statement. What only needs counting is aggregated in SQL; parts come back as JSON values.
+
+The parts of a pass are also one consistent read: the lock graph, the roots' details and the
+migration's sessions all describe the same instant.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from migexport.collectors.base import Context
+
+# MATERIALIZED: however many parts read `a`, the function runs once. The function rather than the
+# pg_stat_activity view: the view joins pg_database and pg_authid, and a session holding a lock on
+# either would fail (after lock_timeout) every collector of the pass; the parts that need a role's
+# name look it up with pg_get_userbyid() for the few rows they return.
+# `not_counted`: the exporter's second session (see targets.TargetWorker), busy or idle at this very
+# moment by chance: counted, it would make the connection states flicker by one.
+ACTIVITY_CTE = """a AS MATERIALIZED (
+  SELECT datid, pid, usesysid, application_name, state, backend_type, client_addr,
+         xact_start, state_change, query_start, wait_event_type
+  FROM pg_stat_get_activity(NULL)
+  WHERE pid <> ALL(%(not_counted)s::int[])
+)"""
+
+
+@dataclass(frozen=True)
+class ActivityPart:
+    """A collector's share of the pass's statement.
+
+    `select` is one SQL expression (a JSON value, or NULL) that may read `a` and the part's own
+    `ctes`; `params` are named parameters it uses (`%(name)s`), named after the part to stay unique.
+    """
+
+    name: str
+    select: str
+    ctes: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def statement(
+    parts: Sequence[ActivityPart], head: Sequence[str] = (), not_counted: Sequence[int] = ()
+) -> tuple[str, dict[str, Any]]:
+    """One statement: the `head` columns first (plain values), then one JSON column per part."""
+    if not parts:
+        return "SELECT " + ", ".join(head), {}
+    ctes = [ACTIVITY_CTE]
+    params: dict[str, Any] = {"not_counted": list(not_counted)}
+    for part in parts:
+        ctes += [cte for cte in part.ctes if cte not in ctes]
+        params.update(part.params)
+    columns = [*head, *(f"({part.select})::text" for part in parts)]
+    return "WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n       ".join(columns), params
+
+
+def read(
+    ctx: Context, parts: Sequence[ActivityPart], head: Sequence[str] = (), not_counted: Sequence[int] = ()
+) -> tuple[tuple, dict[str, Any]]:
+    """Run the pass's statement: the head's values, and each part's value by name (None for NULL)."""
+    sql, params = statement(parts, head, not_counted)
+    row = ctx.query_one(sql, params or None)
+    values = row[len(head) :]
+    decoded = {part.name: None if text is None else json.loads(text) for part, text in zip(parts, values, strict=True)}
+    return tuple(row[: len(head)]), decoded
+
+
+class ActivityUnavailable(RuntimeError):
+    """The pass's activity read failed (say, a lock_timeout on a catalog) while the server answered:
+    every collector that derives from it fails with this, the others run."""
+
+
+def unique_parts(parts: Sequence[ActivityPart]) -> list[ActivityPart]:
+    seen: dict[str, ActivityPart] = {}
+    for part in parts:
+        seen.setdefault(part.name, part)
+    return list(seen.values())
