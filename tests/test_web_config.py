@@ -23,7 +23,6 @@ import bcrypt
 import pytest
 import trustme
 import yaml
-from prometheus_client import CollectorRegistry, Gauge
 
 from conftest import monitor_dsn, prometheus_server, wait_for
 from migexport.http import HEADER_TIMEOUT_SECONDS, MAX_CONNECTIONS, MetricsServer
@@ -309,10 +308,9 @@ def test_web_config_file_from_the_config(pki: Pki, tmp_path: Path):
 
 
 def test_changed_web_config_applies_without_restart(pki: Pki, tmp_path: Path):
-    registry = CollectorRegistry()
-    Gauge("probe", "a gauge", registry=registry).set(1)
     web = web_yml(tmp_path, pki)
-    server = MetricsServer("127.0.0.1", 0, registry, ["a"], load_web_config(web)).start()
+    page = "# HELP probe a gauge\n# TYPE probe gauge\nprobe 1.0\n"
+    server = MetricsServer("127.0.0.1", 0, lambda: page, ["a"], load_web_config(web)).start()
     try:
         assert request(server.port, pki, (USER, PASSWORD))[0] == 200
         new = bcrypt.hashpw(b"rotated", bcrypt.gensalt(rounds=4)).decode()

@@ -1,5 +1,9 @@
 """The `migexport` command: a thin layer of argument parsing over the library.
 
+Modules only one command needs (the baseline sampler, the run wrapper, the dashboards' SDK, the
+report's page and charts) are imported by that command: `serve` runs for months and keeps only what
+it uses in memory.
+
 Every error a user can cause ends as one line on stderr and a non-zero exit, never a traceback
 (set MIGEXPORT_DEBUG=1 to see one) and never a password.
 """
@@ -16,8 +20,6 @@ from pathlib import Path
 import click
 
 from migexport import __version__
-from migexport.baseline import BaselineIncomplete, summary_rows
-from migexport.baseline import capture as capture_baseline
 from migexport.baseline_file import BaselineError, read_baseline, write_baseline
 from migexport.config import (
     EXAMPLE_CONFIG,
@@ -28,11 +30,9 @@ from migexport.config import (
     Thresholds,
     load_config,
 )
-from migexport.dashboards import render as render_dashboards
 from migexport.dsn import TargetError, parse_targets, redact, split_targets
 from migexport.paths import PathRefused, check_output, known_files
 from migexport.rulegen import DEFAULT_RUNBOOK_BASE, RuleError, render
-from migexport.run import Around, RunError, ServerSide, run_migration
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
 from migexport.state import write_atomic
 from migexport.targets import SessionSettings
@@ -279,6 +279,9 @@ def baseline(
     if out.exists() and not force:  # before sampling, not after five minutes of it
         raise UserError(f"{out} exists; use --force to replace it")
     _setup_logging("warning")
+    from migexport.baseline import BaselineIncomplete
+    from migexport.baseline import capture as capture_baseline
+
     try:
         with click.progressbar(length=1000, label=f"sampling for {seconds:g}s", file=sys.stderr) as bar:
 
@@ -322,6 +325,8 @@ def _exporter_url(config: Config, given: str | None) -> str | None:
 
 
 def _print_baseline(doc: dict) -> None:
+    from migexport.baseline import summary_rows
+
     rows = summary_rows(doc)
     width = max(len(k) for k, _ in rows)
     for key, val in rows:
@@ -377,6 +382,8 @@ def rules(config_path: str | None, output_format: str, runbook_base_url: str, ou
 def dashboards(config_path: str | None, output_dir: str, force: bool) -> None:
     """Render the Grafana dashboards from the config's thresholds (default: the checklist's)."""
     config = _load_config(config_path)
+    from migexport.dashboards import render as render_dashboards  # the Grafana SDK: only this command needs it
+
     texts = render_dashboards(
         config.thresholds if config else Thresholds(), config.migration if config else Migration()
     )
@@ -403,6 +410,8 @@ def show_baseline(path: str) -> None:
         doc = read_baseline(Path(path)).doc()
     except BaselineError as exc:
         raise UserError(str(exc)) from None
+    from migexport.baseline import summary_rows
+
     rows = summary_rows(doc)
     click.echo(f"baseline for migration {doc['migration_id']} in {path} ({len(rows)} values)")
     _print_baseline(doc)
@@ -467,6 +476,8 @@ def run(
     if config is not None:
         _check_output(config.resolve(m.snapshot_file), "snapshot", config, "migration.snapshot_file")
         _check_output(config.resolve(m.checks_file), "checks", config, "migration.checks_file")
+    from migexport.run import Around, RunError, ServerSide, run_migration
+
     around = Around()
     if write_report_after and (config is None or not (prometheus_url or config.slis.prometheus_url)):
         raise UserError("--report: needs a config (-c) and a Prometheus (--prometheus-url or slis.prometheus_url)")

@@ -1,19 +1,16 @@
-"""The scrape: every target collected in parallel under one deadline, turned into metric families.
+"""The scrape: every target collected in parallel under one deadline, written as the text exposition.
 
-`MigexportCollector` is a prometheus_client custom collector: `collect()` is called once per scrape
-and yields families built from fresh snapshots; nothing is kept in global metric objects that
-concurrent scrapes could fight over.
+`MigexportCollector.exposition()` is called once per scrape and renders fresh snapshots and the
+file-backed sources; nothing is kept in global metric objects that concurrent scrapes could fight over.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
-
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector as PromCollector
 
 from migexport import __version__
 from migexport.baseline_gauges import BASELINE_SPECS
@@ -22,7 +19,8 @@ from migexport.collectors import COLLECTOR_CLASSES, default_collectors
 from migexport.collectors.base import Collector
 from migexport.collectors.migration import MigrationSessionCollector, MigrationStateSource
 from migexport.dsn import Target
-from migexport.metrics import COUNTER, MetricSpec, Sample, families
+from migexport.metrics import COUNTER, MetricSpec, Sample, render
+from migexport.probes import PROBE_SPECS
 from migexport.targets import SessionSettings, Snapshot, TargetWorker
 
 log = logging.getLogger(__name__)
@@ -63,6 +61,7 @@ CONNECTS = MetricSpec(
     "Connections the exporter opened (or tried to) to the target; it keeps one open between scrapes.",
     kind=COUNTER,
 )
+BUILD_INFO = MetricSpec("migexport_build_info", "migexport version; always 1.", labels=("version",), per_target=False)
 SELF_SPECS = (
     UP,
     SCRAPE_DURATION,
@@ -85,6 +84,7 @@ class Source(Protocol):
     def samples(self) -> list[Sample]: ...
 
 
+@functools.cache
 def all_specs() -> tuple[MetricSpec, ...]:
     return (
         SELF_SPECS
@@ -93,10 +93,12 @@ def all_specs() -> tuple[MetricSpec, ...]:
         + MigrationStateSource.specs
         + BASELINE_SPECS
         + CHECKS_SPECS
+        + PROBE_SPECS
+        + (BUILD_INFO,)
     )
 
 
-class MigexportCollector(PromCollector):
+class MigexportCollector:
     def __init__(
         self,
         targets: list[Target],
@@ -116,17 +118,16 @@ class MigexportCollector(PromCollector):
         running = [worker.begin(deadline) for worker in self.workers]
         return [worker.finish(future, deadline) for worker, future in zip(self.workers, running, strict=True)]
 
-    def collect(self) -> Iterator[Metric]:
+    def exposition(self) -> str:
+        """The whole /metrics page of one scrape."""
         snaps = self.snapshots()
         per_target: list[tuple[str | None, list[Sample]]] = [
             (snap.target, self._self_samples(worker, snap) + snap.samples)
             for worker, snap in zip(self.workers, snaps, strict=True)
         ]
         per_target += [(None, self._source_samples(source)) for source in self.sources]
-        yield from families(per_target, all_specs())
-        build = GaugeMetricFamily("migexport_build_info", "migexport version; always 1.", labels=["version"])
-        build.add_metric([__version__], 1)
-        yield build
+        per_target.append((None, [BUILD_INFO.sample(1, version=__version__)]))
+        return render(per_target, all_specs())
 
     @staticmethod
     def _source_samples(source: Source) -> list[Sample]:

@@ -1,4 +1,4 @@
-"""The HTTP side: /metrics (Prometheus text or OpenMetrics, gzip when asked) and a landing page at /.
+"""The HTTP side: /metrics (the Prometheus text format, gzip when asked) and a landing page at /.
 
 Hardened to sit on a network next to production: optional TLS and basic auth (`web_config.py`), a
 deadline for the request line and headers, a cap on concurrent connections where an idle connection
@@ -9,6 +9,7 @@ HEAD answered like GET without the body.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import heapq
 import html
 import io
@@ -21,9 +22,8 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-
 from migexport import __version__
+from migexport.metrics import CONTENT_TYPE
 from migexport.web_config import WebConfig, WebConfigSource
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,23 @@ class _Handler(WSGIRequestHandler):
         log.debug("http: " + format, *args)
 
 
-def make_app(registry: CollectorRegistry, target_names: list[str], web: WebConfigSource | None = None):
-    metrics_app = make_wsgi_app(registry)
+def _metrics_app(exposition: Callable[[], str]):
+    """/metrics: the page of one scrape, gzipped when the client accepts it (Prometheus does)."""
+
+    def app(environ, start_response) -> Iterable[bytes]:
+        body = exposition().encode()
+        headers = [("Content-Type", CONTENT_TYPE)]
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            body = gzip.compress(body, compresslevel=1)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def make_app(exposition: Callable[[], str], target_names: list[str], web: WebConfigSource | None = None):
+    metrics_app = _metrics_app(exposition)
     page = LANDING_PAGE.format(
         version=__version__, targets=", ".join(html.escape(n) for n in target_names) or "no targets"
     ).encode()
@@ -269,7 +284,7 @@ class MetricsServer:
         self,
         host: str,
         port: int,
-        registry: CollectorRegistry,
+        exposition: Callable[[], str],
         target_names: list[str],
         web_config: WebConfig | None = None,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
@@ -278,7 +293,7 @@ class MetricsServer:
         self.web = WebConfigSource(web_config or WebConfig())
         server_class = type("_Server", (_HardenedWSGIServer,), {"address_family": _family(host)})
         self._server = make_server(
-            host, port, make_app(registry, target_names, self.web), server_class=server_class, handler_class=_Handler
+            host, port, make_app(exposition, target_names, self.web), server_class=server_class, handler_class=_Handler
         )
         self._server.setup_limits(self.web, header_timeout, max_connections, SLOT_WAIT_SECONDS)
         self.host = host

@@ -27,11 +27,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psycopg
-from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from migexport.collectors.base import MARKER
 from migexport.config import App, Probe
 from migexport.dsn import Target, password_of, redact
+from migexport.metrics import HISTOGRAM, MetricSpec, Sample
 from migexport.own import OwnTransactions, SessionLedger
 from migexport.targets import SessionSettings, connect
 
@@ -47,7 +47,7 @@ PROBE_BUCKETS: tuple[float, ...] = (
 
 
 def cumulative_buckets(durations: Iterable[float], bounds: Sequence[float] = PROBE_BUCKETS) -> list[int]:
-    """Cumulative counts per upper bound, then +Inf, exactly as a prometheus_client Histogram exposes
+    """Cumulative counts per upper bound, then +Inf, exactly as the exporter's probe histogram exposes
     them (an observation equal to a bound counts in that bound's bucket)."""
     counts = [0] * (len(bounds) + 1)
     for d in durations:
@@ -230,41 +230,84 @@ def check_app(app: App) -> ProbeResult:
         return ProbeResult(False, time.perf_counter() - started, str(reason))
 
 
+PROBE_LABELS = ("target", "probe")
+PROBE_DURATION = MetricSpec(
+    "migexport_probe_duration_seconds",
+    "Duration of the successful runs of a key business query probe (failures: migexport_probe_success).",
+    kind=HISTOGRAM,
+    labels=PROBE_LABELS,
+    per_target=False,
+)
+PROBE_SUCCESS = MetricSpec(
+    "migexport_probe_success",
+    "1 if the probe's last run succeeded, 0 if it failed or timed out.",
+    labels=PROBE_LABELS,
+    per_target=False,
+)
+PROBE_EVER_SUCCEEDED = MetricSpec(
+    "migexport_probe_ever_succeeded",
+    "1 once any run of the probe succeeded since the exporter started, else 0 (see the log for the fix).",
+    labels=PROBE_LABELS,
+    per_target=False,
+)
+APP_UP = MetricSpec(
+    "migexport_app_health_up",
+    "1 if the application's health URL answered 2xx in time at the last check.",
+    labels=("app",),
+    per_target=False,
+)
+APP_DURATION = MetricSpec(
+    "migexport_app_health_duration_seconds",
+    "Duration of the last application health check.",
+    labels=("app",),
+    per_target=False,
+)
+PROBE_SPECS = (PROBE_DURATION, PROBE_SUCCESS, PROBE_EVER_SUCCEEDED, APP_UP, APP_DURATION)
+
+
 class ProbeMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        # Successful runs only, like the baseline's quantiles: a run cut off by its timeout would read as
-        # a latency, and failures have migexport_probe_success.
-        self.duration = Histogram(
-            "migexport_probe_duration_seconds",
-            "Duration of the successful runs of a key business query probe (failures: migexport_probe_success).",
-            ["target", "probe"],
-            buckets=PROBE_BUCKETS,
-            registry=registry,
-        )
-        self.success = Gauge(
-            "migexport_probe_success",
-            "1 if the probe's last run succeeded, 0 if it failed or timed out.",
-            ["target", "probe"],
-            registry=registry,
-        )
-        self.ever_succeeded = Gauge(
-            "migexport_probe_ever_succeeded",
-            "1 once any run of the probe succeeded since the exporter started, else 0 (see the log for the fix).",
-            ["target", "probe"],
-            registry=registry,
-        )
-        self.app_up = Gauge(
-            "migexport_app_health_up",
-            "1 if the application's health URL answered 2xx in time at the last check.",
-            ["app"],
-            registry=registry,
-        )
-        self.app_duration = Gauge(
-            "migexport_app_health_duration_seconds",
-            "Duration of the last application health check.",
-            ["app"],
-            registry=registry,
-        )
+    """What the probes and health checks found, written by their threads and read by each scrape
+    (a file-less Source of the page). Durations of successful runs only, like the baseline's quantiles:
+    a run cut off by its timeout would read as a latency, and failures have migexport_probe_success."""
+
+    specs = PROBE_SPECS
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], list[int]] = {}  # per bucket, +Inf last, not cumulative
+        self._sums: dict[tuple[str, str], float] = {}
+        self._success: dict[tuple[str, str], int] = {}
+        self._ever: dict[tuple[str, str], int] = {}
+        self._apps: dict[str, tuple[int, float | None]] = {}
+
+    def observe(self, target: str, probe: str, seconds: float) -> None:
+        with self._lock:
+            counts = self._counts.setdefault((target, probe), [0] * (len(PROBE_BUCKETS) + 1))
+            counts[bisect_left(PROBE_BUCKETS, seconds)] += 1  # le: a run equal to a bound counts in it
+            self._sums[(target, probe)] = self._sums.get((target, probe), 0.0) + seconds
+            self._ever[(target, probe)] = 1
+
+    def set_success(self, target: str, probe: str, ok: bool) -> None:
+        with self._lock:
+            self._success[(target, probe)] = int(ok)
+            self._ever.setdefault((target, probe), 0)
+
+    def set_app(self, app: str, ok: bool, seconds: float | None) -> None:
+        with self._lock:
+            self._apps[app] = (int(ok), seconds)
+
+    def samples(self) -> list[Sample]:
+        with self._lock:
+            out = [PROBE_SUCCESS.sample(v, target=t, probe=p) for (t, p), v in self._success.items()]
+            out += [PROBE_EVER_SUCCEEDED.sample(v, target=t, probe=p) for (t, p), v in self._ever.items()]
+            for (t, p), counts in self._counts.items():
+                cumulative = list(itertools.accumulate(counts))
+                out += PROBE_DURATION.histogram(PROBE_BUCKETS, cumulative, self._sums[(t, p)], target=t, probe=p)
+            for app, (up, seconds) in self._apps.items():
+                out.append(APP_UP.sample(up, app=app))
+                if seconds is not None:
+                    out.append(APP_DURATION.sample(seconds, app=app))
+            return out
 
 
 def _role_of(conn: psycopg.Connection | None) -> str:
@@ -327,8 +370,7 @@ class ProbeRunner:
         for probe in probes:
             by_target.setdefault(probe.target, []).append(probe)
             # Present from the start: a probe that never ran is not a probe that succeeded.
-            metrics.success.labels(probe.target, probe.name).set(0)
-            metrics.ever_succeeded.labels(probe.target, probe.name).set(0)
+            metrics.set_success(probe.target, probe.name, False)
         for name, target_probes in by_target.items():
             self._threads.append(
                 threading.Thread(
@@ -340,7 +382,7 @@ class ProbeRunner:
             )
         if apps:
             for app in apps:
-                metrics.app_up.labels(app.name).set(0)
+                metrics.set_app(app.name, False, None)
             self._threads.append(
                 threading.Thread(target=self._app_loop, args=(apps,), daemon=True, name="migexport-apps")
             )
@@ -391,12 +433,10 @@ class ProbeRunner:
     def _record(
         self, target: Target, probe: Probe, result: ProbeResult, role: str, changes: _Changes, succeeded: set[str]
     ) -> None:
-        labels = (target.name, probe.name)
         if result.ok:
-            self.metrics.duration.labels(*labels).observe(result.seconds)
-            self.metrics.ever_succeeded.labels(*labels).set(1)
+            self.metrics.observe(target.name, probe.name, result.seconds)
             succeeded.add(probe.name)
-        self.metrics.success.labels(*labels).set(int(result.ok))
+        self.metrics.set_success(target.name, probe.name, result.ok)
         error = redact(result.error, (password_of(target.dsn) or "",))
         if not result.ok and probe.name not in succeeded:
             # A probe that never worked is a setup problem (a missing GRANT, a wrong database), not an
@@ -413,7 +453,6 @@ class ProbeRunner:
                 if self._stop.is_set() or not every.due(time.monotonic()):
                     continue
                 result = check_app(app)
-                self.metrics.app_up.labels(app.name).set(int(result.ok))
-                self.metrics.app_duration.labels(app.name).set(result.seconds)
+                self.metrics.set_app(app.name, result.ok, result.seconds)
                 changes.note(f"app {app.name} health check", result.ok, result.error)
             self._stop.wait(0.05)

@@ -9,8 +9,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from migexport.baseline_gauges import BaselineSource
 from migexport.checks_gauges import ChecksSource
 from migexport.collect import MigexportCollector, Source
@@ -79,7 +77,6 @@ class ServeSettings:
 class Exporter:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.registry = CollectorRegistry(auto_describe=False)
         migration = settings.migration
         # The migration in the state file, not the config's id, labels every migration series.
         self.state_source = MigrationStateSource(settings.state_path, migration.id, migration.time_budget_seconds)
@@ -96,6 +93,8 @@ class Exporter:
             )
         if settings.checks_path is not None:
             sources.append(ChecksSource(settings.checks_path, self.state_source.current_migration_id))
+        self.probe_metrics = ProbeMetrics()
+        sources.append(self.probe_metrics)
         self.collector = MigexportCollector(
             settings.targets,
             settings.session,
@@ -103,14 +102,13 @@ class Exporter:
             collectors=self._collectors_for,
             sources=sources,
         )
-        self.registry.register(self.collector)
         self.probes: ProbeRunner | None = None
         if settings.probes or settings.apps:
             self.probes = ProbeRunner(
                 {t.name: t for t in settings.targets},
                 settings.probes,
                 settings.apps,
-                ProbeMetrics(self.registry),
+                self.probe_metrics,
                 settings.session,
                 own={w.name: w.own for w in self.collector.workers},
             )
@@ -130,7 +128,11 @@ class Exporter:
     def start(self) -> Exporter:
         web = self.settings.web_config or WebConfig()
         self.server = MetricsServer(
-            self.settings.host, self.settings.port, self.registry, [t.name for t in self.settings.targets], web
+            self.settings.host,
+            self.settings.port,
+            self.collector.exposition,
+            [t.name for t in self.settings.targets],
+            web,
         ).start()
         if self.probes is not None:
             self.probes.start()

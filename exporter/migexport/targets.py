@@ -14,6 +14,7 @@ Observer safety lives here:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -295,8 +296,9 @@ class TargetWorker:
     def _beside_result(self, beside: Future[Snapshot], deadline: float) -> Snapshot:
         """The second session's part, or its collectors failed if it is not done a moment before the
         scrape's deadline: a stuck second session must not take the target down with it."""
+        left = deadline - time.monotonic() - BESIDE_MARGIN_SECONDS
         try:
-            return beside.result(timeout=max(0.0, deadline - time.monotonic() - BESIDE_MARGIN_SECONDS))
+            return beside.result(timeout=max(0.0, left) if math.isfinite(left) else None)
         except FutureTimeout:
             self._second.cancel()
             return self._beside_failed("no answer before the scrape deadline").result()

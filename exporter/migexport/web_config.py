@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import yaml
 
 from migexport.config import _Reader
@@ -130,6 +129,9 @@ class BasicAuth:
     """bcrypt-checked users. A wrong user costs the same bcrypt check as a wrong password."""
 
     def __init__(self, users: dict[str, bytes]) -> None:
+        import bcrypt  # only with basic_auth_users: an exporter without them does not carry it in memory
+
+        self._bcrypt = bcrypt
         self._users = users
         cost = max(int(BCRYPT_HASH.match(h.decode()).group(1)) for h in users.values())  # type: ignore[union-attr]
         # An unknown user is checked against this hash of the highest configured cost, so a wrong user and a
@@ -148,7 +150,7 @@ class BasicAuth:
             return True
         with self._lock:
             try:
-                ok = bcrypt.checkpw(password, hashed)
+                ok = self._bcrypt.checkpw(password, hashed)
             except ValueError:  # longer than bcrypt's 72 bytes: never a configured password
                 ok = False
         ok = ok and user is not None and user in self._users

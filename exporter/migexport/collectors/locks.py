@@ -12,6 +12,7 @@ end; the number of sessions it holds up, transitively, is how bad it is.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -111,16 +112,18 @@ class LockGraph:
         """Sessions that block someone and wait for nothing."""
         return {b for bs in self.blockers.values() for b in bs} - self.waiting()
 
+    @functools.cached_property
     def _waiters_of(self) -> dict[int, list[int]]:
+        """The reverse edges: who waits directly on each session (built once per graph)."""
         waiters: dict[int, list[int]] = {}
         for waiter, bs in self.blockers.items():
             for b in bs:
                 waiters.setdefault(b, []).append(waiter)
         return waiters
 
-    def blocked_by(self, pid: int, waiters_of: dict[int, list[int]] | None = None) -> set[int]:
+    def blocked_by(self, pid: int) -> set[int]:
         """Every session that waits, directly or through others, on `pid`."""
-        waiters = self._waiters_of() if waiters_of is None else waiters_of
+        waiters = self._waiters_of
         seen: set[int] = set()
         queue = deque(waiters.get(pid, []))
         while queue:
@@ -132,9 +135,8 @@ class LockGraph:
         return seen
 
     def blocked_counts(self, pids: set[int]) -> dict[int, int]:
-        """For each of `pids`, how many sessions it blocks transitively (the reverse edges built once)."""
-        waiters = self._waiters_of()
-        return {pid: len(self.blocked_by(pid, waiters)) for pid in pids}
+        """For each of `pids`, how many sessions it blocks transitively."""
+        return {pid: len(self.blocked_by(pid)) for pid in pids}
 
 
 @dataclass
