@@ -1,8 +1,9 @@
 """The cost curve of a scrape: migexport against postgres_exporter as client sessions grow.
 
-Run by hand: `python bench/scrape_curve.py [--points 100,400,500,2000,5000] [--rounds 30]`. It prints
-figures and asserts nothing about timing. It needs what bench/scrape_load.py needs (PostgreSQL server
-binaries, `prometheus-postgres-exporter` on PATH, migexport installed in this interpreter).
+Run by hand: `python bench/scrape_curve.py [--points 100,400,500,2000,5000] [--rounds 30]
+[--statements 5000] [--breakdown]`. It prints figures and asserts nothing about timing. It needs what
+bench/scrape_load.py needs (PostgreSQL server binaries, `prometheus-postgres-exporter` on PATH,
+migexport installed in this interpreter).
 
 One throwaway primary (127.0.0.1, removed at the end) holds, at every point:
 - N client sessions: a quarter of them a lock queue on `bench_t` (one open transaction that read the
@@ -155,29 +156,28 @@ def wait_until(check, what: str, timeout: float = 120) -> None:
 # -- the database ------------------------------------------------------------------------------------
 
 
-def prepare(cluster: localpg.LocalCluster) -> None:
+def prepare(cluster: localpg.LocalCluster, statements: int = STATEMENTS) -> None:
     with cluster.connect(application_name=f"{APP_PREFIX}setup") as conn:
         conn.execute("CREATE TABLE bench_t (id int PRIMARY KEY, payload text)")
         conn.execute("INSERT INTO bench_t SELECT g, md5(g::text) FROM generate_series(1, 10000) g")
         conn.execute("ANALYZE bench_t")
         for role in ROLES.values():
             conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE pg_monitor")
-        fill_statements(conn)
         conn.execute("SELECT pg_stat_statements_reset()")
-        fill_statements(conn)  # after the reset, so the entries are there when the scrapes start
+        fill_statements(conn, statements)
 
 
-def fill_statements(conn: psycopg.Connection) -> None:
-    """STATEMENTS distinct entries: the count of OR terms and of IS NOT NULL tests differ (both are in
+def fill_statements(conn: psycopg.Connection, statements: int) -> None:
+    """`statements` distinct entries: the count of OR terms and of IS NOT NULL tests differ (both are in
     the query's fingerprint); a long alias (kept in the text, not in the fingerprint) makes each ~2 kB."""
     alias = "a_column_alias_long_enough_to_make_the_statement_text_a_realistic_size_" * 24
-    ors, ands = 100, math.ceil(STATEMENTS / 100)
-    for n in range(STATEMENTS):
+    ors, ands = 100, math.ceil(statements / 100)
+    for n in range(statements):
         a, b = n % ors + 1, n // ors + 1
         where = " OR ".join(f"id = {i}" for i in range(a))
         tests = " AND ".join(["payload IS NOT NULL"] * b)
         conn.execute(f'SELECT id AS "{alias[:1900]}" FROM bench_t WHERE ({where}) AND {tests}')
-    assert ands * ors >= STATEMENTS
+    assert ands * ors >= statements
 
 
 def statement_totals(conn: psycopg.Connection) -> dict[str, tuple[float, float]]:
@@ -334,7 +334,7 @@ def print_point(p: Point) -> None:
     db_share = p.db_ms["migexport"] / (statistics.median(mig) * 1000)
     print(
         f"{p.sessions:>6} {p.queue:>5} | "
-        f"{statistics.median(mig) * 1000:7.1f} {p95(mig) * 1000:7.1f} | "
+        f"{statistics.median(mig) * 1000:7.1f} {p95(mig) * 1000:7.1f} {max(mig) * 1000:7.1f} | "
         f"{statistics.median(pge) * 1000:7.1f} {p95(pge) * 1000:7.1f} | {ratio:5.2f} | "
         f"{p.db_ms['migexport']:6.1f} {db_share:5.0%} {p.statements['migexport']:4.1f} | "
         f"{p.db_ms['postgres_exporter']:6.1f} {p.statements['postgres_exporter']:5.1f} | "
@@ -345,9 +345,9 @@ def print_point(p: Point) -> None:
 
 
 HEADER = (
-    "sessions queue | migexport ms    | postgres_exp ms | ratio | migexport db    stmts | pge db  stmts | "
+    "sessions queue | migexport ms            | postgres_exp ms | ratio | migexport db    stmts | pge db  stmts | "
     "floor: activity locks | RSS MiB mig pge | lock counts\n"
-    "               |  median     p95 |  median     p95 |  of   | ms/scrape share  /scr | ms/scr  /scr  | "
+    "               |  median     p95     max |  median     p95 |  of   | ms/scrape share  /scr | ms/scr  /scr  | "
     "ms/pass        ms/pass |                 |"
 )
 
@@ -356,7 +356,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", default=",".join(map(str, POINTS)), help="client sessions per point")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved scrapes of each exporter per point")
-    parser.add_argument("--statements", action="store_true", help="print migexport's statements at every point")
+    parser.add_argument("--statements", type=int, default=STATEMENTS, help="distinct pg_stat_statements entries")
+    parser.add_argument("--breakdown", action="store_true", help="print migexport's statements at every point")
     args = parser.parse_args()
     points = sorted(int(p) for p in args.points.split(","))
     if shutil.which(POSTGRES_EXPORTER) is None:
@@ -371,8 +372,8 @@ def main() -> None:
         with localpg.local_setup(replicas=0, settings=settings, prefix="migexport-curve-pg-") as setup:
             cluster = setup.primary
             t0 = time.monotonic()
-            prepare(cluster)
-            print(f"{STATEMENTS} statements in pg_stat_statements, set up in {time.monotonic() - t0:.0f} s")
+            prepare(cluster, args.statements)
+            print(f"{args.statements} statements in pg_stat_statements, set up in {time.monotonic() - t0:.0f} s")
             sessions = Sessions(cluster.dsn())
             with cluster.connect(application_name=f"{APP_PREFIX}monitor") as monitor:
                 try:
@@ -384,7 +385,7 @@ def main() -> None:
                     for total in points:
                         sessions.shape(total, monitor)
                         point = Point(total, len(sessions.queue))
-                        measure(point, exporters, monitor, args.rounds, args.statements)
+                        measure(point, exporters, monitor, args.rounds, args.breakdown)
                         print_point(point)
                     for name, exp in exporters.items():
                         print(f"{name}: peak RSS {rss_mib(exp, 'VmHWM'):.1f} MiB")

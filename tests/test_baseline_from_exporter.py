@@ -65,7 +65,10 @@ def test_probe_latency_comes_from_the_exporters_histograms(pg, start_exporter, t
     assert all(0 <= c <= a - b for c, a, b in zip(counts, after, before, strict=True))
     assert 12 <= probe["latency_runs"] == counts[-1]  # ~20 runs at 5/s in 4 s
     assert probe["successful_runs"] >= 1  # the baseline still proves the probe itself
-    assert 0 < probe["p50_seconds"] <= probe["p95_seconds"] <= probe["p95_window_max_seconds"]
+    assert 0 < probe["p50_seconds"] <= probe["p95_seconds"]
+    # The highest p95 of any 2 s stretch (the rate window): not bounded below by the whole window's p95
+    # (two slow runs in different halves lift the p95 of 20 runs, not that of either 10), only positive.
+    assert probe["p95_window_max_seconds"] > 0
     assert not [m for m in doc["missing"] if "catalog" in m or "exporter" in m], doc["missing"]
 
 

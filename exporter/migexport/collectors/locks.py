@@ -23,16 +23,18 @@ from migexport.metrics import MetricSpec, Sample
 # The waiters: backends waiting on a heavyweight lock, with the lock they wait for. pg_locks and
 # pg_blocking_pids() are read only when the pass's activity shows a Lock wait (the CASE below): both
 # take the lock manager's partition locks, and pg_blocking_pids() runs once per waiter, never for the
-# (many) sessions that are not waiting. relation::regclass resolves the name from the catalog cache:
-# it takes no lock on the table.
+# (many) sessions that are not waiting. The label is the relation for relation-level locks
+# (relation::regclass resolves the name from the catalog cache: it takes no lock on the table), else
+# the lock type in parentheses.
 WAITERS_CTE_TEMPLATE = """w AS MATERIALIZED (
-  SELECT a.pid, l.locktype, l.mode,
+  SELECT a.pid, l.mode,
          CASE
-           WHEN l.relation IS NULL THEN NULL
+           WHEN l.relation IS NULL OR l.locktype NOT IN ('relation', 'extend', 'page', 'tuple')
+             THEN '(' || l.locktype || ')'
            WHEN l.database IN (0, (SELECT datid FROM a WHERE a.pid = pg_backend_pid()))
              THEN l.relation::regclass::text
            ELSE 'oid ' || l.relation
-         END AS relation,
+         END AS label,
          {wait_seconds} AS wait_seconds,
          pg_blocking_pids(a.pid) AS blockers
   FROM a JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
@@ -42,18 +44,19 @@ WAITERS_CTE_TEMPLATE = """w AS MATERIALIZED (
 WAIT_SECONDS_SINCE_14 = "coalesce(extract(epoch FROM clock_timestamp() - l.waitstart), 0)::float8"
 # Before 14 only the statement's start is known: an upper bound of the wait (said in the HELP text).
 WAIT_SECONDS_BEFORE_14 = "coalesce(extract(epoch FROM clock_timestamp() - a.query_start), 0)::float8"
-# [waiters, roots]: each waiter as [pid, locktype, mode, relation, wait seconds, blockers]; each
-# session that blocks others without waiting itself (a root) as [pid, usename, application_name,
-# state, transaction age]. NULL when nothing waits.
+# [waiters, counts, roots], NULL when nothing waits: each waiter as [pid, wait seconds, blockers]; the
+# waiters counted by label and mode in SQL; each session that blocks others without waiting itself (a
+# root) as [pid, usename, application_name, state, transaction age].
 LOCKS_SELECT = """CASE WHEN EXISTS (SELECT 1 FROM a WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid())
 THEN json_build_array(
-  (SELECT json_agg(json_build_array(pid, locktype, mode, relation, wait_seconds, blockers)) FROM w),
+  (SELECT json_agg(json_build_array(pid, wait_seconds, blockers)) FROM w),
+  (SELECT json_agg(json_build_array(label, mode, n)) FROM (SELECT label, mode, count(*) AS n FROM w GROUP BY 1, 2) c),
   (SELECT json_agg(json_build_array(a.pid, coalesce(pg_get_userbyid(a.usesysid)::text, ''),
                                     coalesce(a.application_name, ''),
                                     coalesce(a.state, ''),
                                     coalesce(extract(epoch FROM clock_timestamp() - a.xact_start), 0)::float8))
    FROM a
-   WHERE a.pid IN (SELECT unnest(w.blockers) FROM w) AND a.pid NOT IN (SELECT w.pid FROM w))
+   WHERE a.pid IN (SELECT DISTINCT unnest(w.blockers) FROM w) AND a.pid NOT IN (SELECT w.pid FROM w))
 ) END"""
 
 
@@ -142,25 +145,18 @@ class LockGraph:
 @dataclass
 class Waiter:
     pid: int
-    locktype: str
-    mode: str
-    relation: str | None
     wait_seconds: float
     blockers: list[int]
-
-    @property
-    def relation_label(self) -> str:
-        if self.relation is not None and self.locktype in ("relation", "extend", "page", "tuple"):
-            return self.relation
-        return f"({self.locktype})"
 
 
 @dataclass
 class LockSnapshot:
-    """The pass's lock waits: the waiters, their graph, and who the roots are (pid -> labels, xact age)."""
+    """The pass's lock waits: the waiters, their graph, the waiters counted by relation (or lock type)
+    and requested mode, and who the roots are (pid -> labels, transaction age)."""
 
     waiters: list[Waiter]
     graph: LockGraph
+    by_relation: dict[tuple[str, str], int]
     root_details: dict[int, tuple[str, str, str, float]]
 
 
@@ -168,10 +164,14 @@ def lock_snapshot(ctx: Context) -> LockSnapshot:
     """Derived once per pass from the pass's activity read, for every collector that needs it."""
     if "locks" not in ctx.derived:
         value = ctx.activity(locks_part(ctx.server.version_num))
-        rows, roots = value if value is not None else (None, None)
-        waiters = [Waiter(pid, lt, mode, rel, secs, list(bs or [])) for pid, lt, mode, rel, secs, bs in rows or []]
-        details = {pid: (usename, app, state, age) for pid, usename, app, state, age in roots or []}
-        ctx.derived["locks"] = LockSnapshot(waiters, LockGraph({w.pid: w.blockers for w in waiters}), details)
+        rows, counts, roots = value if value is not None else (None, None, None)
+        waiters = [Waiter(pid, secs, list(bs or [])) for pid, secs, bs in rows or []]
+        ctx.derived["locks"] = LockSnapshot(
+            waiters,
+            LockGraph({w.pid: w.blockers for w in waiters}),
+            {(label, mode): n for label, mode, n in counts or []},
+            {pid: (usename, app, state, age) for pid, usename, app, state, age in roots or []},
+        )
     return ctx.derived["locks"]
 
 
@@ -194,17 +194,20 @@ class LocksCollector(Collector):
             ROOTS.sample(len(roots)),
             MAX_BLOCKED.sample(max(blocked_counts.values(), default=0)),
         ]
-        samples += self._by_relation(waiters)
+        samples += self._by_relation(snap.by_relation)
         samples += self._top_roots(snap.root_details, blocked_counts)
         return samples
 
     @staticmethod
-    def _by_relation(waiters: list[Waiter]) -> list[Sample]:
-        per_relation = Counter(w.relation_label for w in waiters)
+    def _by_relation(by_label: dict[tuple[str, str], int]) -> list[Sample]:
+        """The top relations by waiters, the rest summed as OTHER: the label's values stay bounded."""
+        per_relation: Counter[str] = Counter()
+        for (label, _mode), n in by_label.items():
+            per_relation[label] += n
         top = {rel for rel, _ in per_relation.most_common(TOP_RELATIONS)}
         counts: Counter[tuple[str, str]] = Counter()
-        for w in waiters:
-            counts[(w.relation_label if w.relation_label in top else OTHER, w.mode)] += 1
+        for (label, mode), n in by_label.items():
+            counts[(label if label in top else OTHER, mode)] += n
         return [BY_RELATION.sample(n, relation=rel, mode=mode) for (rel, mode), n in sorted(counts.items())]
 
     @staticmethod
