@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import DdlQueue, ddl_lock_queue, monitor_dsn, scrape, series, value
+from conftest import DdlQueue, ddl_lock_queue, monitor_dsn, run_blocking, scrape, series, value, wait_for
 from migexport.dsn import Target
 
 # The checklist's lock query: it joins on transactionid and so misses relation-lock queues.
@@ -54,6 +54,47 @@ def test_ddl_lock_queue_is_seen_whole(pg, ddl_queue, start_exporter):
     time.sleep(1.0)
     second = scrape(exporter.url)
     assert value(second, "migexport_lock_wait_max_seconds", target="primary") >= wait1 + 0.9
+
+
+def test_a_row_lock_queue_is_labelled_by_lock_type_and_table(pg, start_exporter):
+    """Two sessions queued on one row: the first waits for the holder's transaction (a transactionid
+    lock, labelled by its type), the second for the row's tuple lock (labelled by its table) held by the
+    first. One root, blocking both through the chain."""
+    with pg.primary.connect() as setup:
+        setup.execute("DROP TABLE IF EXISTS row_t")
+        setup.execute("CREATE TABLE row_t (id int PRIMARY KEY, n int)")
+        setup.execute("INSERT INTO row_t VALUES (1, 0)")
+    exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
+    holder = pg.primary.connect(application_name="test-row-holder")
+    holder.execute("BEGIN")
+    holder.execute("UPDATE row_t SET n = n + 1 WHERE id = 1")
+    first = run_blocking(pg.primary, "UPDATE row_t SET n = n + 1 WHERE id = 1", app="test-row-1")
+    blocked = [first]
+    try:
+        wait_for(lambda: waiting_on_lock(pg) == 1, what="the first update to wait")
+        blocked.append(run_blocking(pg.primary, "UPDATE row_t SET n = n + 1 WHERE id = 1", app="test-row-2"))
+        wait_for(lambda: waiting_on_lock(pg) == 2, what="the second update to wait")
+        metrics = scrape(exporter.url)
+        by_relation = {
+            (dict(labels)["relation"], dict(labels)["mode"]): v
+            for labels, v in series(metrics, "migexport_lock_waiting_sessions_by_relation").items()
+        }
+        assert by_relation == {("(transactionid)", "ShareLock"): 1, ("row_t", "ExclusiveLock"): 1}
+        assert value(metrics, "migexport_lock_blocking_root_sessions", target="primary") == 1
+        assert value(metrics, "migexport_lock_max_blocked_by_one_session", target="primary") == 2
+        (root,) = series(metrics, "migexport_lock_root_blocked_sessions")
+        assert dict(root)["application_name"] == "test-row-holder"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        for b in blocked:
+            b.thread.join(timeout=10)
+            b.conn.close()
+
+
+def waiting_on_lock(pg) -> int:
+    with pg.primary.connect() as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]
 
 
 def test_checklist_query_misses_the_queue_that_the_exporter_sees(pg, ddl_queue):
