@@ -347,10 +347,15 @@ def ddl_lock_queue(cluster: localpg.LocalCluster, table: str, alter_app: str, re
     finally:
         root.execute("ROLLBACK")
         root.close()
-        for b in blocked:
-            b.thread.join(timeout=10)
-            b.conn.close()
+        join_and_close(blocked)
     assert not any(b.error for b in blocked), [b.error for b in blocked]
+
+
+def join_and_close(blocked: list[Blocked]) -> None:
+    """After their blocker has gone: wait for each statement to end and close its connection."""
+    for b in blocked:
+        b.thread.join(timeout=10)
+        b.conn.close()
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"

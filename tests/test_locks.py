@@ -8,7 +8,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import DdlQueue, ddl_lock_queue, monitor_dsn, run_blocking, scrape, series, value, wait_for
+from conftest import (
+    DdlQueue,
+    Metrics,
+    ddl_lock_queue,
+    join_and_close,
+    monitor_dsn,
+    run_blocking,
+    scrape,
+    series,
+    value,
+    wait_for,
+)
 from migexport.dsn import Target
 
 # The checklist's lock query: it joins on transactionid and so misses relation-lock queues.
@@ -87,9 +98,7 @@ def test_a_row_lock_queue_is_labelled_by_lock_type_and_table(pg, start_exporter)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-        for b in blocked:
-            b.thread.join(timeout=10)
-            b.conn.close()
+        join_and_close(blocked)
 
 
 def waiting_on_lock(pg) -> int:
@@ -169,25 +178,31 @@ def test_lock_timeout_keeps_the_exporter_out_of_a_catalog_lock_queue(pg, start_e
     locks touches no catalog table (pg_stat_get_activity(), pg_locks), so the lock figures still come."""
     exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
     scrape(exporter.url)  # connect first: a new connection itself needs pg_database
+    metrics, elapsed, exporter_waits = scrape_with_catalog_locked(pg, exporter.url, "pg_database")
+    assert value(metrics, "migexport_up", target="primary") == 1
+    assert value(metrics, "migexport_collector_success", target="primary", collector="locks") == 1
+    assert value(metrics, "migexport_collector_success", target="primary", collector="connections") == 1
+    # pg_stat_database and the statement sums read pg_database.
+    assert value(metrics, "migexport_collector_success", target="primary", collector="transactions") == 0
+    # Each failed collector waited one lock_timeout (100 ms), not the statement_timeout (2 s).
+    assert elapsed < 2.0
+    assert exporter_waits == 0
+    assert value(scrape(exporter.url), "migexport_collector_success", target="primary", collector="locks") == 1
+
+
+def scrape_with_catalog_locked(pg, url: str, catalog: str) -> tuple[Metrics, float, int]:
+    """One scrape while another session holds `catalog` ACCESS EXCLUSIVE: the page, how long it took, and
+    how many of the exporter's sessions waited on a lock right after it (the lock released on return)."""
     holder = pg.primary.connect(application_name="test-catalog-locker")
     holder.execute("BEGIN")
-    holder.execute("LOCK TABLE pg_database IN ACCESS EXCLUSIVE MODE")
+    holder.execute(f"LOCK TABLE {catalog} IN ACCESS EXCLUSIVE MODE")
     try:
         started = time.monotonic()
-        metrics = scrape(exporter.url)
-        elapsed = time.monotonic() - started
-        assert value(metrics, "migexport_up", target="primary") == 1
-        assert value(metrics, "migexport_collector_success", target="primary", collector="locks") == 1
-        assert value(metrics, "migexport_collector_success", target="primary", collector="connections") == 1
-        # pg_stat_database and the statement sums read pg_database.
-        assert value(metrics, "migexport_collector_success", target="primary", collector="transactions") == 0
-        # Each failed collector waited one lock_timeout (100 ms), not the statement_timeout (2 s).
-        assert elapsed < 2.0
-        assert lock_waits_of_exporter(holder) == 0
+        metrics = scrape(url)
+        return metrics, time.monotonic() - started, lock_waits_of_exporter(holder)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert value(scrape(exporter.url), "migexport_collector_success", target="primary", collector="locks") == 1
 
 
 def test_a_failed_activity_read_fails_its_collectors_not_the_target(pg, start_exporter):
@@ -198,16 +213,7 @@ def test_a_failed_activity_read_fails_its_collectors_not_the_target(pg, start_ex
     exporter = start_exporter(Target("primary", monitor_dsn(pg.primary)))
     scrape(exporter.url)  # connected: the queue's table, made next, is not in the session's caches
     with ddl_lock_queue(pg.primary, "fresh_lock_t", alter_app="test-migration"):
-        holder = pg.primary.connect(application_name="test-catalog-locker")
-        holder.execute("BEGIN")
-        holder.execute("LOCK TABLE pg_class IN ACCESS EXCLUSIVE MODE")
-        try:
-            started = time.monotonic()
-            metrics = scrape(exporter.url)
-            elapsed = time.monotonic() - started
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
+        metrics, elapsed, _ = scrape_with_catalog_locked(pg, exporter.url, "pg_class")
         assert value(metrics, "migexport_up", target="primary") == 1
         for collector in ("locks", "connections", "replication"):
             assert value(metrics, "migexport_collector_success", target="primary", collector=collector) == 0
