@@ -58,7 +58,8 @@ TIMEOUTS = MetricSpec(
 )
 CONNECTS = MetricSpec(
     "migexport_connection_attempts_total",
-    "Connections the exporter opened (or tried to) to the target; it keeps one open between scrapes.",
+    "Connections the exporter opened (or tried to) to the target; it keeps two open between scrapes (the "
+    "pass's and the statement sums').",
     kind=COUNTER,
 )
 BUILD_INFO = MetricSpec("migexport_build_info", "migexport version; always 1.", labels=("version",), per_target=False)

@@ -118,10 +118,9 @@ class Exporter:
         collectors = default_collectors(excluded_roles=(self.settings.migration.role,))
         if target.name == self.settings.migration_target():
             migration = self.settings.migration
-            # After the locks collector, whose wait graph it reuses.
-            collectors.insert(
-                1,
-                MigrationSessionCollector(self.state_source.current_migration_id, migration.session_application_name),
+            # It shares the pass's lock graph with the locks collector (collectors.locks.lock_snapshot).
+            collectors.append(
+                MigrationSessionCollector(self.state_source.current_migration_id, migration.session_application_name)
             )
         return collectors
 

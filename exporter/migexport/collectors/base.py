@@ -95,9 +95,10 @@ class Context:
         flush = publish_own and self.ledger is not None and self.ledger.can_flush
         if self.ledger is not None:
             self.ledger.ending(ok=True)  # an autocommit statement is a transaction of ours
+        text = MARKER + (f"SELECT q.*, {FLUSH_EXPR} FROM ({sql}) AS q" if flush else sql)
         try:
             with self.conn.cursor() as cur:
-                cur.execute(MARKER + (f"SELECT q.*, {FLUSH_EXPR} FROM ({sql}) AS q" if flush else sql), params)  # type: ignore[arg-type]
+                cur.execute(text, params)  # type: ignore[arg-type]
                 rows = cur.fetchall()
         except psycopg.Error:
             if self.ledger is not None:
