@@ -41,7 +41,6 @@ import statistics
 import time
 import urllib.parse
 import urllib.request
-from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +54,15 @@ from migexport.config import Config, Probe, Thresholds
 from migexport.exporter_histograms import ExporterHistograms
 from migexport.metrics import MetricSpec, Sample
 from migexport.own import FLUSH_MIN_VERSION, FLUSH_SQL
-from migexport.probes import PROBE_BUCKETS, ProbeResult, cumulative_buckets, fix_hint, probe_quantile, run_probe
+from migexport.probes import (
+    PROBE_BUCKETS,
+    ProbeResult,
+    bucket_index,
+    cumulative_buckets,
+    fix_hint,
+    probe_quantile,
+    run_probe,
+)
 from migexport.targets import SERVER_SQL, SessionSettings, connect
 from migexport.topstatements import (
     TOP_STATEMENTS,
@@ -99,7 +106,7 @@ def window_p95_max(durations: list[float], window_runs: int) -> float | None:
     if not durations:
         return None
     k = min(window_runs, len(durations))
-    index = [bisect_left(PROBE_BUCKETS, d) for d in durations]
+    index = [bucket_index(d) for d in durations]
     counts = [0] * (len(PROBE_BUCKETS) + 1)
     for i in index[:k]:
         counts[i] += 1

@@ -46,12 +46,18 @@ PROBE_BUCKETS: tuple[float, ...] = (
 )
 
 
+def bucket_index(seconds: float, bounds: Sequence[float] = PROBE_BUCKETS) -> int:
+    """The bucket a duration counts in (len(bounds) for +Inf): the first whose upper bound it does not
+    exceed, so a duration equal to a bound counts in that bound's bucket (Prometheus' `le`). The live
+    histogram and the baseline's own timings both count with this."""
+    return bisect_left(bounds, seconds)
+
+
 def cumulative_buckets(durations: Iterable[float], bounds: Sequence[float] = PROBE_BUCKETS) -> list[int]:
-    """Cumulative counts per upper bound, then +Inf, exactly as the exporter's probe histogram exposes
-    them (an observation equal to a bound counts in that bound's bucket)."""
+    """Cumulative counts per upper bound, then +Inf, exactly as the exporter's probe histogram exposes them."""
     counts = [0] * (len(bounds) + 1)
     for d in durations:
-        counts[bisect_left(bounds, d)] += 1
+        counts[bucket_index(d, bounds)] += 1
     return list(itertools.accumulate(counts))
 
 
@@ -283,7 +289,7 @@ class ProbeMetrics:
     def observe(self, target: str, probe: str, seconds: float) -> None:
         with self._lock:
             counts = self._counts.setdefault((target, probe), [0] * (len(PROBE_BUCKETS) + 1))
-            counts[bisect_left(PROBE_BUCKETS, seconds)] += 1  # le: a run equal to a bound counts in it
+            counts[bucket_index(seconds)] += 1
             self._sums[(target, probe)] = self._sums.get((target, probe), 0.0) + seconds
             self._ever[(target, probe)] = 1
 

@@ -60,6 +60,7 @@ THEN json_build_array(
 ) END"""
 
 
+@functools.cache  # one part per server version, built once
 def locks_part(version_num: int) -> ActivityPart:
     wait = WAIT_SECONDS_SINCE_14 if version_num >= 140000 else WAIT_SECONDS_BEFORE_14
     return ActivityPart("locks", LOCKS_SELECT, (WAITERS_CTE_TEMPLATE.format(wait_seconds=wait),))

@@ -12,6 +12,7 @@ replayed transaction.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -49,6 +50,7 @@ PAUSED_SINCE_14 = "pg_get_wal_replay_pause_state() <> 'not paused'"
 PAUSED_BEFORE_14 = "pg_is_wal_replay_paused()"
 
 
+@functools.cache  # one part per server version, built once
 def standby_part(version_num: int) -> ActivityPart:
     paused = PAUSED_SINCE_14 if version_num >= 140000 else PAUSED_BEFORE_14
     return ActivityPart("standby", STANDBY_SELECT_TEMPLATE.format(paused=paused))
