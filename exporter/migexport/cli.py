@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from migexport import __version__
+from migexport import DEFAULT_RUNBOOK_BASE, __version__
 from migexport.baseline_file import BaselineError, read_baseline, write_baseline
 from migexport.config import (
     EXAMPLE_CONFIG,
@@ -32,7 +32,6 @@ from migexport.config import (
 )
 from migexport.dsn import TargetError, parse_targets, redact, split_targets
 from migexport.paths import PathRefused, check_output, known_files
-from migexport.rulegen import DEFAULT_RUNBOOK_BASE, RuleError, render
 from migexport.service import DEFAULT_PORT, Exporter, ServeSettings
 from migexport.state import write_atomic
 from migexport.targets import SessionSettings
@@ -357,6 +356,8 @@ def _print_baseline(doc: dict) -> None:
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 def rules(config_path: str | None, output_format: str, runbook_base_url: str, output: str | None, force: bool) -> None:
     """Render the alert and recording rules from the config's thresholds (default: the checklist's)."""
+    from migexport.rulegen import RuleError, render  # not loaded by serve
+
     config = _load_config(config_path)
     try:
         text = render(

@@ -20,8 +20,6 @@ import re
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -224,6 +222,10 @@ def run_probe(conn: psycopg.Connection, probe: Probe, ledger: SessionLedger | No
 
 
 def check_app(app: App) -> ProbeResult:
+    # Loaded only when an app is probed: half a megabyte of serve's memory otherwise.
+    import urllib.error
+    import urllib.request
+
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(app.url, timeout=app.timeout_seconds) as resp:
