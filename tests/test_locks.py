@@ -17,10 +17,15 @@ from conftest import (
     run_blocking,
     scrape,
     series,
+    server_version_num,
     value,
     wait_for,
 )
+from migexport.collectors.activity import read as read_activity
+from migexport.collectors.base import Context, ServerInfo
+from migexport.collectors.locks import locks_part
 from migexport.dsn import Target
+from migexport.targets import SessionSettings, connect
 
 # The checklist's lock query: it joins on transactionid and so misses relation-lock queues.
 CHECKLIST_LOCK_QUERY = """
@@ -99,6 +104,32 @@ def test_a_row_lock_queue_is_labelled_by_lock_type_and_table(pg, start_exporter)
         holder.execute("ROLLBACK")
         holder.close()
         join_and_close(blocked)
+
+
+def test_the_statement_for_servers_before_14_reads_the_same_queue(pg, ddl_queue):
+    """No server older than 14 runs here, so its statement (waits measured from the waiting statement's
+    start, since pg_locks.waitstart is missing) runs on this one: the same waiters, blockers, counts and
+    root as the 14+ statement, and waits no shorter (the statement began before its wait did)."""
+    version = server_version_num(pg.primary)
+    assert version >= 140000
+    with connect(Target("primary", monitor_dsn(pg.primary)), SessionSettings()) as conn:
+        ctx = Context("primary", conn, ServerInfo(version, False, "postgres"))
+        _, now = read_activity(ctx, [locks_part(version)])
+        _, old = read_activity(ctx, [locks_part(130000)])
+    waiters_now, counts_now, roots_now = now["locks"]
+    waiters_old, counts_old, roots_old = old["locks"]
+    assert sorted((pid, blockers) for pid, _, blockers in waiters_old) == sorted(
+        (pid, blockers) for pid, _, blockers in waiters_now
+    )
+    assert len(waiters_old) == 4
+    assert sorted(map(tuple, counts_old)) == sorted(map(tuple, counts_now))
+    assert (
+        [r[:4] for r in roots_old]
+        == [r[:4] for r in roots_now]
+        == [[ddl_queue.root_pid, "postgres", "test-old-reader", "idle in transaction"]]
+    )
+    wait_now = {pid: wait for pid, wait, _ in waiters_now}
+    assert all(wait >= wait_now[pid] for pid, wait, _ in waiters_old)
 
 
 def waiting_on_lock(pg) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from migexport.checks.preflight_common import Session, fmt_bytes
 from migexport.checks.result import CheckResult, Status
-from migexport.collectors.connections import CONNECTIONS_PART
+from migexport.collectors.connections import connections
 
 # A recursive walk of pg_inherits rather than pg_partition_tree(), which locks the partitions.
 SIZES_SQL = """
@@ -45,8 +45,8 @@ CONNECTIONS, SIZE = "connections", "table_size"
 
 def check_connections(session: Session) -> list[CheckResult]:
     # The connections collector's own read: client backends by state, and the usable slots.
-    by_state, usable = session.ctx.activity(CONNECTIONS_PART)
-    used = sum(count for _state, count, *_ in by_state or [])
+    now = connections(session.ctx)
+    used, usable = now.used, now.usable
     share_max = session.config.thresholds.connections_utilisation_max
     share = used / usable if usable > 0 else 1.0
     value = f"{used} of {usable} ({share:.0%})"

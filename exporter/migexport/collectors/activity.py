@@ -4,11 +4,16 @@ Each pass over pg_stat_activity builds a row per backend, and at 2,000 sessions 
 2 ms of database time whatever the query asks of it (most of it is the function's row building;
 pg_stat_replication is built on the same function). Collectors that need sessions (connections,
 locks, the migration's sessions, the standbys) therefore do not query it themselves: each declares
-an `ActivityPart`, one expression over the materialised CTE `a`, and a pass sends every part in one
-statement. What only needs counting is aggregated in SQL; parts come back as JSON values.
+an `ActivityPart`, and a pass sends every part in one statement.
 
-The parts of a pass are also one consistent read: the lock graph, the roots' details and the
-migration's sessions all describe the same instant.
+The sessions are scanned once, and only to aggregate: each part names the aggregates it needs
+(counts by state, the pids that wait on a lock, the migration's pids), all computed in that one
+scan into the one-row CTE `a`. Nothing per session is kept or sorted, so the read costs little more
+than the function itself. A part that needs a few sessions' details (a lock queue's roots, the
+standbys' walsenders) looks them up by pid with `pg_stat_get_activity(pid)`: PostgreSQL copies the
+backends' status once per transaction, so those lookups read the same snapshot as the scan, and the
+parts of a pass are one consistent read (the lock graph, the roots' details and the migration's
+sessions describe the same instant). Parts come back as JSON values.
 """
 
 from __future__ import annotations
@@ -21,15 +26,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from migexport.collectors.base import Context
 
-# MATERIALIZED: however many parts read `a`, the function runs once. The function rather than the
+# MATERIALIZED: however many parts read `a`, the scan runs once. The function rather than the
 # pg_stat_activity view: the view joins pg_database and pg_authid, and a session holding a lock on
 # either would fail (after lock_timeout) every collector of the pass; the parts that need a role's
 # name look it up with pg_get_userbyid() for the few rows they return.
 # `not_counted`: the exporter's second session (see targets.TargetWorker), busy or idle at this very
 # moment by chance: counted, it would make the connection states flicker by one.
-ACTIVITY_CTE = """a AS MATERIALIZED (
-  SELECT datid, pid, usesysid, application_name, state, backend_type, client_addr,
-         xact_start, state_change, query_start, wait_event_type
+ACTIVITY_CTE_TEMPLATE = """a AS MATERIALIZED (
+  SELECT {aggregates}
   FROM pg_stat_get_activity(NULL)
   WHERE pid <> ALL(%(not_counted)s::int[])
 )"""
@@ -39,29 +43,36 @@ ACTIVITY_CTE = """a AS MATERIALIZED (
 class ActivityPart:
     """A collector's share of the pass's statement.
 
-    `select` is one SQL expression (a JSON value, or NULL) that may read `a` and the part's own
-    `ctes`; `params` are named parameters it uses (`%(name)s`), named after the part to stay unique.
+    `aggregates` are `<aggregate> AS <column>` items over the sessions' rows, computed in the pass's
+    one scan (columns named after the part, to stay unique); `select` is one SQL expression (a JSON
+    value, or NULL) that may read those columns from the one-row `a` (`(SELECT column FROM a)`), the
+    part's own `ctes` and `pg_stat_get_activity(pid)`; `params` are named parameters either uses
+    (`%(name)s`), named after the part.
     """
 
     name: str
     select: str
     ctes: tuple[str, ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
+    aggregates: tuple[str, ...] = ()
 
 
 def statement(
     parts: Sequence[ActivityPart], head: Sequence[str] = (), not_counted: Sequence[int] = ()
 ) -> tuple[str, dict[str, Any]]:
     """One statement: the `head` columns first (plain values), then one JSON column per part."""
-    if not parts:
-        return "SELECT " + ", ".join(head), {}
-    ctes = [ACTIVITY_CTE]
-    params: dict[str, Any] = {"not_counted": list(not_counted)}
+    aggregates = list(dict.fromkeys(agg for part in parts for agg in part.aggregates))
+    ctes: list[str] = []
+    params: dict[str, Any] = {}
+    if aggregates:
+        ctes.append(ACTIVITY_CTE_TEMPLATE.format(aggregates=",\n         ".join(aggregates)))
+        params["not_counted"] = list(not_counted)
     for part in parts:
         ctes += [cte for cte in part.ctes if cte not in ctes]
         params.update(part.params)
     columns = [*head, *(f"({part.select})::text" for part in parts)]
-    return "WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n       ".join(columns), params
+    with_clause = "WITH " + ",\n".join(ctes) + "\n" if ctes else ""
+    return with_clause + "SELECT " + ",\n       ".join(columns), params
 
 
 def read(

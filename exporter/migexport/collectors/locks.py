@@ -20,50 +20,66 @@ from migexport.collectors.activity import ActivityPart
 from migexport.collectors.base import Collector, Context
 from migexport.metrics import MetricSpec, Sample
 
-# The waiters: backends waiting on a heavyweight lock, with the lock they wait for. pg_locks and
-# pg_blocking_pids() are read only when the pass's activity shows a Lock wait (the CASE below): both
-# take the lock manager's partition locks, and pg_blocking_pids() runs once per waiter, never for the
-# (many) sessions that are not waiting. The label is the relation for relation-level locks
-# (relation::regclass resolves the name from the catalog cache: it takes no lock on the table), else
-# the lock type in parentheses.
+# The pass's one scan of the sessions (collectors.activity) lists the pids that wait on a lock (and,
+# before PostgreSQL 14, since when their statement runs) and our own database's oid.
+LOCKS_AGGREGATES = (
+    "array_agg(pid) FILTER (WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()) AS locks_waiting",
+    "min(datid) FILTER (WHERE pid = pg_backend_pid()) AS locks_own_datid",
+)
+WAITING_SINCE_AGGREGATE = (
+    "array_agg(query_start) FILTER (WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()) AS locks_waiting_since"
+)
+# The waiters, with the lock they wait for. pg_locks and pg_blocking_pids() are read only when the scan
+# found a Lock wait (the CASE below): both take the lock manager's partition locks, and
+# pg_blocking_pids() runs once per waiter, never for the (many) sessions that are not waiting. The label
+# is the relation for relation-level locks (relation::regclass resolves the name from the catalog
+# cache: it takes no lock on the table), else the lock type in parentheses.
 WAITERS_CTE_TEMPLATE = """w AS MATERIALIZED (
-  SELECT a.pid, l.mode,
+  SELECT l.pid, l.mode,
          CASE
            WHEN l.relation IS NULL OR l.locktype NOT IN ('relation', 'extend', 'page', 'tuple')
              THEN '(' || l.locktype || ')'
-           WHEN l.database IN (0, (SELECT datid FROM a WHERE a.pid = pg_backend_pid()))
+           WHEN l.database IN (0, (SELECT locks_own_datid FROM a))
              THEN l.relation::regclass::text
            ELSE 'oid ' || l.relation
          END AS label,
          {wait_seconds} AS wait_seconds,
-         pg_blocking_pids(a.pid) AS blockers
-  FROM a JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
-  WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid()
+         pg_blocking_pids(l.pid) AS blockers
+  FROM pg_locks l JOIN {waiting} ON waiting.pid = l.pid
+  WHERE NOT l.granted
 )"""
 # PostgreSQL 14 added pg_locks.waitstart; it is NULL for a moment right after a wait begins.
+WAITING_SINCE_14 = "unnest((SELECT locks_waiting FROM a)) AS waiting(pid)"
 WAIT_SECONDS_SINCE_14 = "coalesce(extract(epoch FROM clock_timestamp() - l.waitstart), 0)::float8"
 # Before 14 only the statement's start is known: an upper bound of the wait (said in the HELP text).
-WAIT_SECONDS_BEFORE_14 = "coalesce(extract(epoch FROM clock_timestamp() - a.query_start), 0)::float8"
+WAITING_BEFORE_14 = (
+    "unnest((SELECT locks_waiting FROM a), (SELECT locks_waiting_since FROM a)) AS waiting(pid, query_start)"
+)
+WAIT_SECONDS_BEFORE_14 = "coalesce(extract(epoch FROM clock_timestamp() - waiting.query_start), 0)::float8"
 # [waiters, counts, roots], NULL when nothing waits: each waiter as [pid, wait seconds, blockers]; the
 # waiters counted by label and mode in SQL; each session that blocks others without waiting itself (a
-# root) as [pid, usename, application_name, state, transaction age].
-LOCKS_SELECT = """CASE WHEN EXISTS (SELECT 1 FROM a WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid())
+# root) as [pid, usename, application_name, state, transaction age], looked up by pid in the pass's
+# snapshot (a root gone since, or a prepared transaction's pid 0, has no row and no details).
+LOCKS_SELECT = """CASE WHEN (SELECT locks_waiting FROM a) IS NOT NULL
 THEN json_build_array(
   (SELECT json_agg(json_build_array(pid, wait_seconds, blockers)) FROM w),
   (SELECT json_agg(json_build_array(label, mode, n)) FROM (SELECT label, mode, count(*) AS n FROM w GROUP BY 1, 2) c),
-  (SELECT json_agg(json_build_array(a.pid, coalesce(pg_get_userbyid(a.usesysid)::text, ''),
-                                    coalesce(a.application_name, ''),
-                                    coalesce(a.state, ''),
-                                    coalesce(extract(epoch FROM clock_timestamp() - a.xact_start), 0)::float8))
-   FROM a
-   WHERE a.pid IN (SELECT DISTINCT unnest(w.blockers) FROM w) AND a.pid NOT IN (SELECT w.pid FROM w))
+  (SELECT json_agg(json_build_array(r.pid, coalesce(pg_get_userbyid(s.usesysid)::text, ''),
+                                    coalesce(s.application_name, ''),
+                                    coalesce(s.state, ''),
+                                    coalesce(extract(epoch FROM clock_timestamp() - s.xact_start), 0)::float8))
+   FROM (SELECT unnest(w.blockers) FROM w EXCEPT SELECT w.pid FROM w) AS r(pid)
+   CROSS JOIN LATERAL pg_stat_get_activity(r.pid) AS s)
 ) END"""
 
 
 @functools.cache  # one part per server version, built once
 def locks_part(version_num: int) -> ActivityPart:
-    wait = WAIT_SECONDS_SINCE_14 if version_num >= 140000 else WAIT_SECONDS_BEFORE_14
-    return ActivityPart("locks", LOCKS_SELECT, (WAITERS_CTE_TEMPLATE.format(wait_seconds=wait),))
+    if version_num >= 140000:
+        waiters = WAITERS_CTE_TEMPLATE.format(waiting=WAITING_SINCE_14, wait_seconds=WAIT_SECONDS_SINCE_14)
+        return ActivityPart("locks", LOCKS_SELECT, (waiters,), aggregates=LOCKS_AGGREGATES)
+    waiters = WAITERS_CTE_TEMPLATE.format(waiting=WAITING_BEFORE_14, wait_seconds=WAIT_SECONDS_BEFORE_14)
+    return ActivityPart("locks", LOCKS_SELECT, (waiters,), aggregates=(*LOCKS_AGGREGATES, WAITING_SINCE_AGGREGATE))
 
 
 TOP_RELATIONS = 10

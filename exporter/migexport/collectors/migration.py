@@ -27,10 +27,12 @@ from migexport.state import MigrationState, StateError, read_state, this_machine
 
 log = logging.getLogger(__name__)
 
-# The migration's sessions, from the pass's one activity read.
-MIGRATION_PIDS_SELECT = (
-    "SELECT json_agg(pid) FROM a WHERE application_name = %(migration_application_name)s AND pid <> pg_backend_pid()"
+# The migration's sessions, listed by the pass's one scan of the sessions (collectors.activity).
+MIGRATION_PIDS_AGGREGATE = (
+    "array_agg(pid) FILTER (WHERE application_name = %(migration_application_name)s AND pid <> pg_backend_pid())"
+    " AS migration_pids"
 )
+MIGRATION_PIDS_SELECT = "SELECT array_to_json(migration_pids) FROM a"
 
 LABELS = ("migration_id",)
 
@@ -200,7 +202,10 @@ class MigrationSessionCollector(Collector):
 
     def _pids_part(self) -> ActivityPart:
         return ActivityPart(
-            "migration_sessions", MIGRATION_PIDS_SELECT, params={"migration_application_name": self.application_name}
+            "migration_sessions",
+            MIGRATION_PIDS_SELECT,
+            params={"migration_application_name": self.application_name},
+            aggregates=(MIGRATION_PIDS_AGGREGATE,),
         )
 
     def collect(self, ctx: Context) -> list[Sample]:

@@ -21,16 +21,17 @@ from migexport.collectors.base import Collector, Context, ServerInfo
 from migexport.metrics import MetricSpec, Sample
 
 # On a primary (the CASE keeps pg_current_wal_lsn(), which fails during recovery, from running on a
-# standby): [standbys, slots]. The standbys come from pg_stat_get_wal_senders() joined with the pass's
-# activity read, which is what pg_stat_replication is, without its own pass over pg_stat_activity; the
+# standby): [standbys, slots]. The standbys come from pg_stat_get_wal_senders(), each walsender looked
+# up by pid in the pass's snapshot of the sessions (collectors.activity), which is what
+# pg_stat_replication is, without its own pass over pg_stat_activity; the
 # slots from pg_get_replication_slots(), which is pg_replication_slots without its join to pg_database
 # (a lock on that catalog must not fail the pass's read).
 PRIMARY_SELECT = """CASE WHEN NOT pg_is_in_recovery() THEN json_build_array(
-  (SELECT json_agg(json_build_array(w.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, ''),
+  (SELECT json_agg(json_build_array(w.pid, coalesce(s.application_name, ''), coalesce(s.client_addr::text, ''),
                                     coalesce(w.state, ''),
                                     pg_wal_lsn_diff(pg_current_wal_lsn(), w.replay_lsn)::float8,
                                     extract(epoch FROM w.replay_lag)::float8) ORDER BY w.pid)
-   FROM pg_stat_get_wal_senders() AS w JOIN a ON a.pid = w.pid),
+   FROM pg_stat_get_wal_senders() AS w CROSS JOIN LATERAL pg_stat_get_activity(w.pid) AS s),
   (SELECT json_agg(json_build_array(slot_name, active,
                                     coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::float8,
                                     coalesce(wal_status, '')) ORDER BY slot_name)
