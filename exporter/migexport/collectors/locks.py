@@ -22,13 +22,13 @@ from migexport.metrics import MetricSpec, Sample
 
 # The pass's one scan of the sessions (collectors.activity) lists the pids that wait on a lock (and,
 # before PostgreSQL 14, since when their statement runs) and our own database's oid.
+_WAITS_ON_A_LOCK = "wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
 LOCKS_AGGREGATES = (
-    "array_agg(pid) FILTER (WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()) AS locks_waiting",
+    f"array_agg(pid) FILTER (WHERE {_WAITS_ON_A_LOCK}) AS locks_waiting",
     "min(datid) FILTER (WHERE pid = pg_backend_pid()) AS locks_own_datid",
 )
-WAITING_SINCE_AGGREGATE = (
-    "array_agg(query_start) FILTER (WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()) AS locks_waiting_since"
-)
+# Aggregated with the same filter as locks_waiting, in the same scan: the two arrays line up.
+WAITING_SINCE_AGGREGATE = f"array_agg(query_start) FILTER (WHERE {_WAITS_ON_A_LOCK}) AS locks_waiting_since"
 # The waiters, with the lock they wait for. pg_locks and pg_blocking_pids() are read only when the scan
 # found a Lock wait (the CASE below): both take the lock manager's partition locks, and
 # pg_blocking_pids() runs once per waiter, never for the (many) sessions that are not waiting. The label
