@@ -17,9 +17,13 @@ tells their statements apart). At every point, after warm-up scrapes, they are s
 rounds (migexport then postgres_exporter, then the other way round), and the script prints per
 exporter: median and p95 wall time of a scrape, the ratio of the medians, the database time of the
 exporter's own statements per scrape (execution + planning, from pg_stat_statements with
-track_planning on), the statements per scrape (round trips), and RSS. The floor beside them is the
-database time of one pass over pg_stat_activity (and over pg_locks) at that point. migexport's lock
-figures are checked against the queue it was given: exact at every point, or the line says so.
+track_planning on), the statements per scrape (round trips), and RSS. The floors beside them are
+the database time of the reads alone at that point: one pass over pg_stat_activity, the exact lock
+graph (pg_locks and pg_blocking_pids() per waiter), and pg_stat_statements' sums; "ratio at floor"
+is the least a scrape of migexport's design could take (the pass's two reads on one session, the sums
+on the other, nothing else) over postgres_exporter's median: an exporter that reads these views
+cannot go under it. migexport's lock figures are checked against the queue it was given: exact at every
+point, or the line says so.
 """
 
 from __future__ import annotations
@@ -215,15 +219,26 @@ def print_breakdown(before: dict, after: dict, rounds: int) -> None:
             print(f"    {calls:5.2f} {exec_ms:7.2f} {plan_ms:6.2f}  {text[:110]}")
 
 
-def pass_ms(conn: psycopg.Connection, view: str, repeat: int = 9) -> float:
-    """Database time of one pass over `view` (the median of `repeat` runs): the floor of a scrape."""
+def db_ms(conn: psycopg.Connection, query: str, repeat: int = 9) -> float:
+    """Database time (planning + execution) of `query`, the median of `repeat` runs."""
     times = []
     for _ in range(repeat):
-        plan = conn.execute(f"EXPLAIN (ANALYZE, TIMING OFF, SUMMARY ON) SELECT count(*) FROM {view}").fetchall()
+        plan = conn.execute(f"EXPLAIN (ANALYZE, TIMING OFF, SUMMARY ON) {query}").fetchall()
         timed = [r[0] for r in plan if r[0].startswith(("Planning", "Execution"))]
         total = sum(float(line.split(":")[1].split()[0]) for line in timed)
         times.append(total)
     return statistics.median(times)
+
+
+# The floors of a scrape: what PostgreSQL spends on the reads themselves, before anyone aggregates a row.
+# One pass over the sessions: the function builds every session's row (and, per row, looks the backend
+# up in the process array, so it grows with the square of the sessions).
+FLOOR_ACTIVITY = "SELECT count(*) FROM pg_stat_activity"
+# The exact lock graph: pg_locks once, pg_blocking_pids() once per waiter (each call copies the wait
+# queue it is in, so a queue of q waiters costs in q²).
+FLOOR_LOCK_GRAPH = "SELECT count(pg_blocking_pids(pid)) FROM pg_locks WHERE NOT granted"
+# The statement sums: the function builds a row per entry, text or not.
+FLOOR_SUMS = "SELECT count(*) FROM pg_stat_statements(false)"
 
 
 # -- the exporters -----------------------------------------------------------------------------------
@@ -289,7 +304,8 @@ class Point:
     statements: dict[str, float] = field(default_factory=dict)  # per scrape
     rss: dict[str, float] = field(default_factory=dict)
     floor_activity_ms: float = 0.0
-    floor_locks_ms: float = 0.0
+    floor_lock_graph_ms: float = 0.0
+    floor_sums_ms: float = 0.0
     lock_check: str = ""
 
 
@@ -314,8 +330,9 @@ def measure(
         point.statements[name] = (after[name][0] - before[name][0]) / rounds
         point.db_ms[name] = (after[name][1] - before[name][1]) / rounds
         point.rss[name] = rss_mib(exporters[name])
-    point.floor_activity_ms = pass_ms(monitor, "pg_stat_activity")
-    point.floor_locks_ms = pass_ms(monitor, "pg_locks")
+    point.floor_activity_ms = db_ms(monitor, FLOOR_ACTIVITY)
+    point.floor_lock_graph_ms = db_ms(monitor, FLOOR_LOCK_GRAPH)
+    point.floor_sums_ms = db_ms(monitor, FLOOR_SUMS)
     point.lock_check = lock_check(bodies["migexport"], point.queue)
 
 
@@ -337,9 +354,17 @@ def lock_check(body: str, queue: int) -> str:
     return "exact" if not wrong else "WRONG: " + ", ".join(wrong)
 
 
+def floor_ms(p: Point) -> float:
+    """The least a scrape of migexport's design can take: the pass (sessions, then the lock graph) on
+    one session while the statement sums run on the other, with nothing else (no aggregation, no
+    round trip, no Python, no HTTP)."""
+    return max(p.floor_activity_ms + p.floor_lock_graph_ms, p.floor_sums_ms)
+
+
 def print_point(p: Point) -> None:
     mig, pge = p.seconds["migexport"], p.seconds["postgres_exporter"]
     ratio = statistics.median(mig) / statistics.median(pge)
+    floor_ratio = floor_ms(p) / (statistics.median(pge) * 1000)
     db_share = p.db_ms["migexport"] / (statistics.median(mig) * 1000)
     print(
         f"{p.sessions:>6} {p.queue:>5} | "
@@ -347,7 +372,7 @@ def print_point(p: Point) -> None:
         f"{statistics.median(pge) * 1000:7.1f} {p95(pge) * 1000:7.1f} | {ratio:5.2f} | "
         f"{p.db_ms['migexport']:6.1f} {db_share:5.0%} {p.statements['migexport']:4.1f} | "
         f"{p.db_ms['postgres_exporter']:6.1f} {p.statements['postgres_exporter']:5.1f} | "
-        f"{p.floor_activity_ms:6.2f} {p.floor_locks_ms:6.2f} | "
+        f"{p.floor_activity_ms:6.2f} {p.floor_lock_graph_ms:6.2f} {p.floor_sums_ms:5.2f} {floor_ratio:5.2f} | "
         f"{p.rss['migexport']:5.1f} {p.rss['postgres_exporter']:5.1f} | {p.lock_check}",
         flush=True,
     )
@@ -355,9 +380,9 @@ def print_point(p: Point) -> None:
 
 HEADER = (
     "sessions queue | migexport ms            | postgres_exp ms | ratio | migexport db    stmts | pge db  stmts | "
-    "floor: activity locks | RSS MiB mig pge | lock counts\n"
+    "floor: activity lockgraph sums ratio | RSS MiB mig pge | lock counts\n"
     "               |  median     p95     max |  median     p95 |  of   | ms/scrape share  /scr | ms/scr  /scr  | "
-    "ms/pass        ms/pass |                 |"
+    "ms     ms        ms    at floor |                 |"
 )
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import psycopg
 
 from migexport.collectors.base import Context
-from migexport.collectors.statements import EXTENSION_SQL
+from migexport.collectors.statements import EXCLUDED_ROLE_OIDS, EXTENSION_SQL
 from migexport.dsn import REDACTED, redact
 
 TOP_STATEMENTS = 50  # statements kept per target in the baseline: enough for the report, a few kB
@@ -51,7 +51,7 @@ SELECT s.queryid, s.userid, s.dbid, s.calls::float8, s.{total}::float8 / 1e3, s.
        pg_get_userbyid(s.userid)
 FROM {schema}.pg_stat_statements(false) s
 WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND {toplevel} s.userid <> ALL (SELECT oid FROM pg_roles WHERE rolname = current_user OR rolname = ANY(%s))
+  AND {toplevel} s.userid <> ALL ({excluded})
 """
 RESET_SQL = "SELECT extract(epoch FROM stats_reset)::float8 FROM {schema}.pg_stat_statements_info"
 # left(): the server trims before sending; 4x leaves room for the whitespace clean_text() folds away.
@@ -117,7 +117,7 @@ def read_counters(ctx: Context, excluded_roles: Iterable[str]) -> Reading:
         )
     schema, version = rows[0]
     total = "total_exec_time" if _version_tuple(version) >= (1, 8) else "total_time"
-    sql = COUNTERS_SQL.format(schema=schema, total=total, toplevel=_toplevel(version))
+    sql = COUNTERS_SQL.format(schema=schema, total=total, toplevel=_toplevel(version), excluded=EXCLUDED_ROLE_OIDS)
     try:
         found = ctx.query(sql, ([r for r in excluded_roles if r],))
     except psycopg.errors.ObjectNotInPrerequisiteState:
