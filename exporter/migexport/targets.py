@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from migexport.collectors.activity import read as read_activity
-from migexport.collectors.base import CAN_READ_ALL_STATS_SQL, Collector, Context, ServerInfo
+from migexport.collectors.base import CAN_READ_ALL_STATS_SQL, Collector, Context, PreparedStatements, ServerInfo
 from migexport.dsn import Target, password_of, redact
 from migexport.metrics import Sample
 from migexport.own import FLUSH_EXPR, OwnTransactions, SessionLedger
@@ -120,6 +121,7 @@ class _Session:
         self.own = own
         self.conn: psycopg.Connection | None = None
         self.ledger: SessionLedger | None = None
+        self.prepared: PreparedStatements | None = None
         self.connects = 0
         self.queries = 0  # statements sent on this session, counted only by the thread that uses it
 
@@ -129,14 +131,18 @@ class _Session:
         self.drop()
         self.connects += 1
         self.conn = connect(self.target, self.settings)
+        # Only the statements a scrape repeats are prepared, where Context.query is asked to: never by
+        # psycopg's count of executions, which would prepare outside a pipeline (see Context.query).
+        self.conn.prepare_threshold = sys.maxsize
         self.ledger = SessionLedger(self.own, self.conn.info.server_version)
+        self.prepared = PreparedStatements()
         return self.conn, self.ledger
 
     def broken(self) -> bool:
         return self.conn is None or self.conn.broken or self.conn.closed
 
     def drop(self) -> None:
-        conn, self.conn, self.ledger = self.conn, None, None
+        conn, self.conn, self.ledger, self.prepared = self.conn, None, None, None
         if conn is not None:
             try:
                 conn.close()
@@ -306,7 +312,8 @@ class TargetWorker:
     def _collect_beside(self) -> Snapshot:
         part = Snapshot(self.name, up=True, duration_seconds=0.0)
         conn, ledger = self._second.connection()
-        ctx = Context(self.name, conn, ServerInfo(conn.info.server_version, False, conn.info.dbname), ledger)
+        server = ServerInfo(conn.info.server_version, False, conn.info.dbname)
+        ctx = Context(self.name, conn, server, ledger, prepared=self._second.prepared)
         for collector in self._beside:
             self._run(collector, ctx, part, self._second)
         return part
@@ -360,7 +367,8 @@ class TargetWorker:
         version = conn.info.server_version  # known from the connection, before any query
         parts = [part for c in self._collectors for part in c.activity_parts(version)]
         head = (*PASS_HEAD, FLUSH_EXPR) if ledger.can_flush else PASS_HEAD
-        ctx = Context(self.name, conn, ServerInfo(version, False, conn.info.dbname), ledger, parts)
+        server = ServerInfo(version, False, conn.info.dbname)
+        ctx = Context(self.name, conn, server, ledger, parts, self._main.prepared)
         try:
             try:
                 values, activity = read_activity(ctx, ctx.activity_parts, head, not_counted)

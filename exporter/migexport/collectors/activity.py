@@ -80,7 +80,7 @@ def read(
 ) -> tuple[tuple, dict[str, Any]]:
     """Run the pass's statement: the head's values, and each part's value by name (None for NULL)."""
     sql, params = statement(parts, head, not_counted)
-    row = ctx.query_one(sql, params or None)
+    row = ctx.query_one(sql, params or None, prepare=True)
     values = row[len(head) :]
     decoded = {part.name: None if text is None else json.loads(text) for part, text in zip(parts, values, strict=True)}
     return tuple(row[: len(head)]), decoded

@@ -120,7 +120,7 @@ class StatementsCollector(Collector):
             return [AVAILABLE.sample(0)]
         try:
             # Publishing our transactions with it: the transactions collector reads after it.
-            raw = ctx.query_one(sql, (self.excluded_roles,), publish_own=True)
+            raw = ctx.query_one(sql, (self.excluded_roles,), publish_own=True, prepare=True)
         except psycopg.errors.ObjectNotInPrerequisiteState:
             # Installed but not in shared_preload_libraries: report it, do not fail the scrape.
             return [AVAILABLE.sample(0)]

@@ -49,7 +49,7 @@ class TransactionsCollector(Collector):
     def collect(self, ctx: Context) -> list[Sample]:
         # First publish this connection's own transactions, so that what we subtract is in what we read.
         ctx.publish_own_transactions()
-        commits, rollbacks, deadlocks, reset = ctx.query_one(DATABASE_STATS_SQL)
+        commits, rollbacks, deadlocks, reset = ctx.query_one(DATABASE_STATS_SQL, prepare=True)
         if ctx.own is not None:
             # Totals read after the server's counters: a probe's count published in between is
             # subtracted a moment early, which the guard absorbs.

@@ -1,0 +1,90 @@
+"""The statements a scrape repeats are prepared once per connection, and preparing them changes nothing
+the exporter counts: every statement of ours is still one transaction in the server's counters, and a
+statement whose first prepared run fails leaves at most one server-side statement behind."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from conftest import monitor_dsn, server_version_num
+from migexport.collectors.base import Context, PreparedStatements, ServerInfo
+from migexport.dsn import Target
+from migexport.own import OwnTransactions, SessionLedger
+from migexport.targets import SessionSettings, connect
+
+COUNTERS_SQL = "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+PREPARED_SQL = "SELECT count(*) FROM pg_prepared_statements"
+FAILS_ON_ZERO = "SELECT 100 / %s::int"
+
+
+@pytest.fixture(scope="module")
+def quiet_db(pg) -> str:
+    """A database of its own: nobody else's transactions move its counters."""
+    with pg.primary.connect() as conn:
+        conn.execute("DROP DATABASE IF EXISTS prepared_app")
+        conn.execute("CREATE DATABASE prepared_app")
+    return "prepared_app"
+
+
+@pytest.fixture
+def preparing(pg, quiet_db):
+    """A connection set up as the exporter's sessions are, with its ledger and its prepared statements."""
+    version = server_version_num(pg.primary)
+    if version < 150000:
+        pytest.skip("publishing our own transactions at once needs PostgreSQL 15")
+    conn = connect(Target("app", monitor_dsn(pg.primary, quiet_db)), SessionSettings())
+    conn.prepare_threshold = 2**31  # as targets._Session: prepared only where asked
+    ledger = SessionLedger(OwnTransactions(), version)
+    ctx = Context("app", conn, ServerInfo(version, False, quiet_db), ledger, prepared=PreparedStatements())
+    try:
+        yield ctx
+    finally:
+        conn.close()
+
+
+def not_ours(ctx: Context) -> tuple[int, int]:
+    """The database's commits and rollbacks minus those the ledger counted as ours. The read itself is
+    counted before the server shows it, the same offset at every call."""
+    assert ctx.own is not None
+    ctx.publish_own_transactions()
+    commits, rollbacks = ctx.query_one(COUNTERS_SQL)
+    own_commits, own_rollbacks = ctx.own.totals()
+    return commits - own_commits, rollbacks - own_rollbacks
+
+
+def prepared_on(ctx: Context) -> int:
+    """Statements the server holds prepared for this session (this read is a transaction of ours too)."""
+    return ctx.query_one(PREPARED_SQL)[0]
+
+
+def test_prepared_statements_are_one_transaction_each_as_the_ledger_counts(preparing: Context):
+    ctx = preparing
+    before = not_ours(ctx)
+    for i in range(20):  # each prepared at its first run, then run prepared
+        assert ctx.query_one(f"SELECT {i}", prepare=True) == (i,)
+        assert ctx.query_one(f"SELECT {i}", prepare=True) == (i,)
+    for _ in range(3):  # fails at its first prepared run, then runs unprepared
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            ctx.query_one(FAILS_ON_ZERO, (0,), prepare=True)
+    assert ctx.query_one(FAILS_ON_ZERO, (4,), prepare=True) == (25,)
+    after = not_ours(ctx)
+    # Were a preparation a transaction of its own (psycopg syncs after it outside a pipeline), the 20
+    # preparations would read as 20 commits of the application. Nobody else uses this database.
+    assert after == before
+    # 20 prepared, and the one whose first run failed, kept by the server; not prepared again.
+    assert prepared_on(ctx) == 21
+
+
+def test_a_prepared_statement_that_fails_later_stays_prepared(preparing: Context):
+    ctx = preparing
+    before = not_ours(ctx)
+    assert ctx.query_one(FAILS_ON_ZERO, (5,), prepare=True) == (20,)
+    assert prepared_on(ctx) == 1
+    for _ in range(3):
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            ctx.query_one(FAILS_ON_ZERO, (0,), prepare=True)
+    assert ctx.query_one(FAILS_ON_ZERO, (10,), prepare=True) == (10,)
+    assert prepared_on(ctx) == 1  # the same one: nothing left behind by the failures
+    commits, rollbacks = not_ours(ctx)
+    assert (commits, rollbacks) == before  # the 3 failures are ours, as rollbacks
