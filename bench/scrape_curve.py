@@ -15,7 +15,7 @@ One throwaway primary (127.0.0.1, removed at the end) holds, at every point:
 Both exporters run as subprocesses, each as a role of its own with pg_monitor (so pg_stat_statements
 tells their statements apart). At every point, after warm-up scrapes, they are scraped in interleaved
 rounds (migexport then postgres_exporter, then the other way round), and the script prints per
-exporter: median and p95 wall time of a scrape, the ratio of the medians, the database time of the
+exporter: median, p95 and maximum wall time of a scrape, the ratio of the medians, the database time of the
 exporter's own statements per scrape (execution + planning, from pg_stat_statements with
 track_planning on), the statements per scrape (round trips), and RSS. The floors beside them are
 the database time of the reads alone at that point: one pass over pg_stat_activity, the exact lock
@@ -369,7 +369,7 @@ def print_point(p: Point) -> None:
     print(
         f"{p.sessions:>6} {p.queue:>5} | "
         f"{statistics.median(mig) * 1000:7.1f} {p95(mig) * 1000:7.1f} {max(mig) * 1000:7.1f} | "
-        f"{statistics.median(pge) * 1000:7.1f} {p95(pge) * 1000:7.1f} | {ratio:5.2f} | "
+        f"{statistics.median(pge) * 1000:7.1f} {p95(pge) * 1000:7.1f} {max(pge) * 1000:7.1f} | {ratio:5.2f} | "
         f"{p.db_ms['migexport']:6.1f} {db_share:5.0%} {p.statements['migexport']:4.1f} | "
         f"{p.db_ms['postgres_exporter']:6.1f} {p.statements['postgres_exporter']:5.1f} | "
         f"{p.floor_activity_ms:6.2f} {p.floor_lock_graph_ms:6.2f} {p.floor_sums_ms:5.2f} {floor_ratio:5.2f} | "
@@ -379,10 +379,10 @@ def print_point(p: Point) -> None:
 
 
 HEADER = (
-    "sessions queue | migexport ms            | postgres_exp ms | ratio | migexport db    stmts | pge db  stmts | "
-    "floor: activity lockgraph sums ratio | RSS MiB mig pge | lock counts\n"
-    "               |  median     p95     max |  median     p95 |  of   | ms/scrape share  /scr | ms/scr  /scr  | "
-    "ms     ms        ms    at floor |                 |"
+    "sessions queue | migexport ms            | postgres_exporter ms    | ratio | migexport db    stmts | "
+    "pge db  stmts | floor: activity lockgraph sums ratio | RSS MiB mig pge | lock counts\n"
+    "               |  median     p95     max |  median     p95     max |  of   | ms/scrape share  /scr | "
+    "ms/scr  /scr  | ms     ms        ms    at floor |                 |"
 )
 
 
