@@ -8,7 +8,9 @@ import psycopg
 import pytest
 
 from conftest import monitor_dsn, server_version_num
+from migexport.collectors.activity import read as read_activity
 from migexport.collectors.base import Context, PreparedStatements, ServerInfo
+from migexport.collectors.connections import CONNECTIONS_PART
 from migexport.dsn import Target
 from migexport.own import OwnTransactions, SessionLedger
 from migexport.targets import SessionSettings, connect
@@ -58,13 +60,19 @@ def prepared_on(ctx: Context) -> int:
     return ctx.query_one(PREPARED_SQL)[0]
 
 
+def executions_of_prepared(ctx: Context) -> list[int]:
+    """How often each statement prepared in this session ran (PostgreSQL 14+ counts its plans)."""
+    rows = ctx.query("SELECT generic_plans + custom_plans FROM pg_prepared_statements ORDER BY prepare_time")
+    return [n for (n,) in rows]
+
+
 def test_prepared_statements_are_one_transaction_each_as_the_ledger_counts(preparing: Context):
     ctx = preparing
     before = not_ours(ctx)
     for i in range(20):  # each prepared at its first run, then run prepared
         assert ctx.query_one(f"SELECT {i}", prepare=True) == (i,)
         assert ctx.query_one(f"SELECT {i}", prepare=True) == (i,)
-    for _ in range(3):  # fails at its first prepared run, then runs unprepared
+    for _ in range(5):  # fails at every preparing run: prepared 3 times, then run unprepared
         with pytest.raises(psycopg.errors.DivisionByZero):
             ctx.query_one(FAILS_ON_ZERO, (0,), prepare=True)
     assert ctx.query_one(FAILS_ON_ZERO, (4,), prepare=True) == (25,)
@@ -72,19 +80,31 @@ def test_prepared_statements_are_one_transaction_each_as_the_ledger_counts(prepa
     # Were a preparation a transaction of its own (psycopg syncs after it outside a pipeline), the 20
     # preparations would read as 20 commits of the application. Nobody else uses this database.
     assert after == before
-    # 20 prepared, and the one whose first run failed, kept by the server; not prepared again.
-    assert prepared_on(ctx) == 21
+    # The 20, and what the failing one's preparing runs left behind: PREPARE_ATTEMPTS, not one a run.
+    assert prepared_on(ctx) == 20 + PreparedStatements.PREPARE_ATTEMPTS
 
 
-def test_a_prepared_statement_that_fails_later_stays_prepared(preparing: Context):
+def test_a_prepared_statement_that_fails_now_and_then_stays_prepared(preparing: Context):
     ctx = preparing
     before = not_ours(ctx)
     assert ctx.query_one(FAILS_ON_ZERO, (5,), prepare=True) == (20,)
-    assert prepared_on(ctx) == 1
-    for _ in range(3):
+    for _ in range(PreparedStatements.PREPARE_ATTEMPTS - 1):
         with pytest.raises(psycopg.errors.DivisionByZero):
             ctx.query_one(FAILS_ON_ZERO, (0,), prepare=True)
     assert ctx.query_one(FAILS_ON_ZERO, (10,), prepare=True) == (10,)
-    assert prepared_on(ctx) == 1  # the same one: nothing left behind by the failures
+    # One statement, still prepared: both successful runs used it (PostgreSQL counts no plan for a failed one).
+    assert executions_of_prepared(ctx) == [2]
     commits, rollbacks = not_ours(ctx)
-    assert (commits, rollbacks) == before  # the 3 failures are ours, as rollbacks
+    assert (commits, rollbacks) == before  # the failures are ours, as rollbacks
+
+
+def test_the_pass_is_one_prepared_statement_whatever_the_pids_it_leaves_out(preparing: Context):
+    """psycopg prepares a statement per parameter types, and types a list of pids by their values: the
+    pids the pass leaves out (the second session's, or none) must not make it a new statement."""
+    ctx = preparing
+    for not_counted in ([], [123], [40000], [123, 40000], []):
+        (version,), values = read_activity(
+            ctx, [CONNECTIONS_PART], ("current_setting('server_version_num')",), not_counted
+        )
+        assert int(version) >= 130000 and values["connections"] is not None
+    assert executions_of_prepared(ctx) == [5]

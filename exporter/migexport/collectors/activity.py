@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # name look it up with pg_get_userbyid() for the few rows they return.
 # `not_counted`: the exporter's second session (see targets.TargetWorker), busy or idle at this very
 # moment by chance: counted, it would make the connection states flicker by one.
+# It is sent as an array literal in text: psycopg types a list by its values (int2[] for small pids,
+# int4[] for larger ones, unknown when empty), and a prepared statement is prepared per parameter types:
+# one text then stands for one prepared statement, whatever the pids.
 ACTIVITY_CTE_TEMPLATE = """a AS MATERIALIZED (
   SELECT {aggregates}
   FROM pg_stat_get_activity(NULL)
@@ -66,7 +69,7 @@ def statement(
     params: dict[str, Any] = {}
     if aggregates:
         ctes.append(ACTIVITY_CTE_TEMPLATE.format(aggregates=",\n         ".join(aggregates)))
-        params["not_counted"] = list(not_counted)
+        params["not_counted"] = "{" + ",".join(str(int(pid)) for pid in not_counted) + "}"
     for part in parts:
         ctes += [cte for cte in part.ctes if cte not in ctes]
         params.update(part.params)
