@@ -17,7 +17,6 @@ import errno
 import json
 import math
 import os
-import secrets
 import socket
 import stat
 from dataclasses import asdict, dataclass, field
@@ -180,7 +179,7 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
         raise OSError(errno.EINVAL, "not a regular file: migexport replaces only regular files")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
             break

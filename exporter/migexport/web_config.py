@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import os
 import re
@@ -129,9 +128,14 @@ class BasicAuth:
     """bcrypt-checked users. A wrong user costs the same bcrypt check as a wrong password."""
 
     def __init__(self, users: dict[str, bytes]) -> None:
-        import bcrypt  # only with basic_auth_users: an exporter without them does not carry it in memory
+        # Only with basic_auth_users: an exporter without them carries neither bcrypt nor hashlib's
+        # OpenSSL binding (0.5 MiB) in memory.
+        import hashlib
+
+        import bcrypt
 
         self._bcrypt = bcrypt
+        self._sha256 = hashlib.sha256
         self._users = users
         cost = max(int(BCRYPT_HASH.match(h.decode()).group(1)) for h in users.values())  # type: ignore[union-attr]
         # An unknown user is checked against this hash of the highest configured cost, so a wrong user and a
@@ -145,7 +149,7 @@ class BasicAuth:
         """True when an `Authorization: Basic ...` header names a user with the right password."""
         user, password = _credentials(header)
         hashed = self._users.get(user, self._dummy) if user is not None else self._dummy
-        key = hashlib.sha256(b"\0".join([(user or "").encode(), hashed, password])).digest()
+        key = self._sha256(b"\0".join([(user or "").encode(), hashed, password])).digest()
         if user is not None and user in self._users and key in self._cache:
             return True
         with self._lock:
