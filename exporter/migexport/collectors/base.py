@@ -127,10 +127,10 @@ class Context:
         if self.ledger is not None:
             self.ledger.ending(ok=True)  # an autocommit statement is a transaction of ours
         text = MARKER + (f"SELECT q.*, {FLUSH_EXPR} FROM ({sql}) AS q" if flush else sql)
-        prepared = prepare and self.prepared is not None and self.prepared.wanted(text)
+        use_prepared = prepare and self.prepared is not None and self.prepared.wanted(text)
         try:
             with self.conn.cursor() as cur:
-                if prepared:
+                if use_prepared:
                     # In a pipeline the preparation (Parse) shares the statement's Sync: one transaction,
                     # as counted above. Alone, psycopg would sync after it, a commit the ledger misses.
                     with self.conn.pipeline():
@@ -141,7 +141,7 @@ class Context:
         except psycopg.Error:
             if self.ledger is not None:
                 self.ledger.failed_instead(broken=self.conn.broken)
-            if prepared and self.prepared is not None:
+            if use_prepared and self.prepared is not None:
                 self.prepared.failed(text)
             raise
         self.own_published = flush and bool(rows)
