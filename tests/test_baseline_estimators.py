@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from psycopg import sql
 
-from conftest import monitor_dsn
+from conftest import BACKGROUND_COMMITS, monitor_dsn
 from migexport.baseline import FLUSH_SQL, capture, window_p95_max
 from migexport.config import Config, Migration, Probe, Thresholds
 from migexport.dsn import Target
@@ -108,7 +108,7 @@ def test_transactions_are_the_windows_with_the_samplers_own_excluded(pg, app_db)
 
     assert doc["probes"]["secret"]["runs"] >= 5 and doc["probes"]["secret"]["success_ratio"] == 0
     assert t["rollbacks"] == 10
-    assert 41 <= t["commits"] <= 43  # autovacuum may add one or two of its own
+    assert 41 <= t["commits"] <= 41 + BACKGROUND_COMMITS  # autovacuum may add its own
     assert t["transactions"] == t["commits"] + t["rollbacks"]
     assert t["error_ratio"] == pytest.approx(10 / t["transactions"])
     assert t["tps"] == pytest.approx(t["transactions"] / doc["window_seconds"])
