@@ -17,8 +17,12 @@ from migexport.promql import (
     WATCHING,
     armed,
     armed_same_migration,
+    connections_scale,
     duration,
+    error_ratio_trigger,
     fmt,
+    latency_trigger,
+    probe_latency_trigger,
     series_names,
     with_baseline,
 )
@@ -205,19 +209,16 @@ def _relative(t: Thresholds) -> list[Alert]:
 def _latency_degraded(t: Thresholds) -> Alert:
     """Statement latency or a probe's p95 against the baseline, beyond the ratio and the noise."""
     n, window, sigmas = series_names(t), duration(t.rate_window_seconds), fmt(t.significance_sigmas)
-    latency_ratio, floor = fmt(t.latency_degradation_ratio), fmt(t.latency_floor_seconds)
-    probe_floor = fmt(t.probe_latency_floor_seconds)
+    latency_ratio = fmt(t.latency_degradation_ratio)
     p95 = 'migexport_baseline_probe_latency_seconds{quantile="0.95"}'
     statement = (
-        with_baseline(
-            n.latency, ">", f"clamp_min(migexport_baseline_statement_latency_seconds, {floor}) * {latency_ratio}"
-        )
+        with_baseline(n.latency, ">", latency_trigger("migexport_baseline_statement_latency_seconds", t))
         + f"\n  and on({JOIN}, target, migration_id) {n.latency_z} > {sigmas}"
         + f"\n  and on({JOIN}, target) {n.calls} >= {fmt(t.latency_min_calls)}"
     )
     # A probe's p95 must also be above the highest p95 a window of as many runs showed at rest.
     probe = (
-        with_baseline(n.probe_p95, ">", f"clamp_min({p95}, {probe_floor}) * {latency_ratio}", on="target, probe")
+        with_baseline(n.probe_p95, ">", probe_latency_trigger(p95, t), on="target, probe")
         + f"\n  unless on({JOIN}, target, probe, migration_id) ("
         + with_baseline(n.probe_p95, "<=", "migexport_baseline_probe_latency_window_max_seconds", on="target, probe")
         + ")"
@@ -264,8 +265,7 @@ def _error_rate_increased(t: Thresholds) -> Alert:
     n, window, sigmas = series_names(t), duration(t.rate_window_seconds), fmt(t.significance_sigmas)
     error_ratio = fmt(t.error_rate_increase_ratio)
     error = (
-        with_baseline(n.error_ratio, ">", f"migexport_baseline_error_ratio * {error_ratio}")
-        + f" > {fmt(t.error_ratio_floor)}"
+        with_baseline(n.error_ratio, ">", error_ratio_trigger("migexport_baseline_error_ratio", t))
         + f"\nand on({JOIN}, target, migration_id) {n.error_z} > {sigmas}"
         + f"\nand on({JOIN}, target) {n.xacts} >= {fmt(t.error_min_transactions)}"
     )
@@ -351,7 +351,7 @@ def _connections_unstable(t: Thresholds) -> Alert:
             f"  abs(migexport:connections:sum - on({JOIN}, target) group_left(migration_id) "
             "migexport_baseline_connections)\n"
             f"  / on({JOIN}, target) group_left(migration_id)\n"
-            f"  clamp_min(migexport_baseline_connections, {fmt(t.connections_floor)})\n"
+            f"  {connections_scale('migexport_baseline_connections', t)}\n"
             f"  > {fmt(t.connections_change_ratio)},\n"
             '  "reason", "baseline", "", "")'
         )

@@ -1,5 +1,7 @@
-"""PromQL building blocks shared by the rules (and, later, the dashboards): joins, arming, numbers,
-durations, and the names of the recording rules, which carry the configured rate window."""
+"""PromQL building blocks shared by the rules, the dashboards and the report: joins, arming, numbers,
+durations, the names of the recording rules (which carry the configured rate window), and the trigger
+lines the relative alerts compare a live value with, spelt once so that a line drawn on a dashboard or a
+report is where the alert fires."""
 
 from __future__ import annotations
 
@@ -68,3 +70,32 @@ def series_names(t: Thresholds) -> Series:
 def with_baseline(live: str, op: str, baseline: str, on: str = "target") -> str:
     """`live OP baseline`, the baseline's migration_id carried over to the result."""
     return f"{live} {op} on({JOIN}, {on}) group_left(migration_id) ({baseline})"
+
+
+# The triggers of the relative alerts, over a baseline expression: the caller's (a gauge, with whatever
+# matchers or merging over migration ids it needs). The alerts compare the live series with these, and
+# the dashboards and the report draw them as the "trigger" lines.
+def error_ratio_trigger(baseline: str, t: Thresholds) -> str:
+    """MigrationErrorRateIncreased: the baseline × error_rate_increase_ratio, at least error_ratio_floor."""
+    return f"clamp_min({baseline} * {fmt(t.error_rate_increase_ratio)}, {fmt(t.error_ratio_floor)})"
+
+
+def latency_trigger(baseline: str, t: Thresholds) -> str:
+    """MigrationLatencyDegraded (statements): the baseline, at least latency_floor, × latency_degradation_ratio."""
+    return f"clamp_min({baseline}, {fmt(t.latency_floor_seconds)}) * {fmt(t.latency_degradation_ratio)}"
+
+
+def probe_latency_trigger(baseline: str, t: Thresholds) -> str:
+    """MigrationLatencyDegraded (probes): the baseline p95, at least probe_latency_floor, × the same ratio."""
+    return f"clamp_min({baseline}, {fmt(t.probe_latency_floor_seconds)}) * {fmt(t.latency_degradation_ratio)}"
+
+
+def connections_scale(baseline: str, t: Thresholds) -> str:
+    """What MigrationConnectionsUnstable measures a change of connections against: the baseline, at least
+    connections_floor. The alert fires beyond connections_change_ratio of it, either way."""
+    return f"clamp_min({baseline}, {fmt(t.connections_floor)})"
+
+
+def connections_band(baseline: str, t: Thresholds) -> str:
+    """How far from the baseline connections may go, either way, before MigrationConnectionsUnstable fires."""
+    return f"{connections_scale(baseline, t)} * {fmt(t.connections_change_ratio)}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from migexport.config import Thresholds
-from migexport.promql import fmt, series_names
+from migexport.promql import error_ratio_trigger, fmt, latency_trigger, probe_latency_trigger, series_names
 from migexport.report.prometheus import Prometheus, Series, quote
 
 if TYPE_CHECKING:
@@ -123,11 +123,7 @@ def _baseline_charts(t: Thresholds) -> list[tuple[Chart, list[Query]]]:
             [
                 Query(n.error_ratio, "{target}"),
                 Query(base_err, "{target} baseline", "baseline"),
-                Query(
-                    f"clamp_min({base_err} * {fmt(t.error_rate_increase_ratio)}, {fmt(t.error_ratio_floor)})",
-                    "{target} trigger",
-                    "trigger",
-                ),
+                Query(error_ratio_trigger(base_err, t), "{target} trigger", "trigger"),
             ],
         ),
         (
@@ -142,11 +138,7 @@ def _baseline_charts(t: Thresholds) -> list[tuple[Chart, list[Query]]]:
             [
                 Query(n.latency, "{target}"),
                 Query(base_lat, "{target} baseline", "baseline"),
-                Query(
-                    f"clamp_min({base_lat}, {fmt(t.latency_floor_seconds)}) * {fmt(t.latency_degradation_ratio)}",
-                    "{target} trigger",
-                    "trigger",
-                ),
+                Query(latency_trigger(base_lat, t), "{target} trigger", "trigger"),
             ],
         ),
     ]
@@ -168,11 +160,7 @@ def _probe_and_connection_charts(t: Thresholds) -> list[tuple[Chart, list[Query]
             [
                 Query(n.probe_p95, "{target} {probe} p95"),
                 Query(base_p95, "{target} {probe} baseline", "baseline"),
-                Query(
-                    f"clamp_min({base_p95}, {fmt(t.probe_latency_floor_seconds)}) * {fmt(t.latency_degradation_ratio)}",
-                    "{target} {probe} trigger",
-                    "trigger",
-                ),
+                Query(probe_latency_trigger(base_p95, t), "{target} {probe} trigger", "trigger"),
             ],
         ),
         (
