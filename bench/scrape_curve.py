@@ -1,7 +1,7 @@
 """The cost curve of a scrape: migexport against postgres_exporter as client sessions grow.
 
 Run by hand: `python bench/scrape_curve.py [--points 100,400,500,2000,5000] [--rounds 30]
-[--statements 5000] [--breakdown]`. It prints figures and asserts nothing about timing. It needs what
+[--statements 5000] [--breakdown] [--gap-ms 0]`. It prints figures and asserts nothing about timing. It needs what
 bench/scrape_load.py needs (PostgreSQL server binaries, `prometheus-postgres-exporter` on PATH,
 migexport installed in this interpreter).
 
@@ -14,10 +14,11 @@ One throwaway primary (127.0.0.1, removed at the end) holds, at every point:
 
 Both exporters run as subprocesses, each as a role of its own with pg_monitor (so pg_stat_statements
 tells their statements apart). At every point, after warm-up scrapes, they are scraped in interleaved
-rounds (migexport then postgres_exporter, then the other way round), and the script prints per
-exporter: median, p95 and maximum wall time of a scrape, the ratio of the medians, the database time of the
-exporter's own statements per scrape (execution + planning, from pg_stat_statements with
-track_planning on), the statements per scrape (round trips), and RSS. The floors beside them are
+rounds (migexport then postgres_exporter, then the other way round; back to back, or each after
+`--gap-ms` of idle time), and the script prints per exporter: median, p95 and maximum wall time of a
+scrape, the ratio of the medians, the database time of the exporter's own statements per scrape
+(execution + planning, from pg_stat_statements with track_planning on), the statements per scrape
+(round trips), and RSS. The floors beside them are
 the database time of the reads alone at that point: one pass over pg_stat_activity, the exact lock
 graph (pg_locks and pg_blocking_pids() per waiter), and pg_stat_statements' sums; "ratio at floor"
 is the least a scrape of migexport's design could take (the pass's two reads on one session, the sums
@@ -310,7 +311,12 @@ class Point:
 
 
 def measure(
-    point: Point, exporters: dict[str, ExporterProc], monitor: psycopg.Connection, rounds: int, breakdown: bool
+    point: Point,
+    exporters: dict[str, ExporterProc],
+    monitor: psycopg.Connection,
+    rounds: int,
+    breakdown: bool,
+    gap_seconds: float = 0.0,
 ) -> None:
     names = list(exporters)
     for name in names:
@@ -321,6 +327,10 @@ def measure(
     bodies: dict[str, str] = {}
     for i in range(rounds):
         for name in names if i % 2 == 0 else reversed(names):
+            # With a gap, each scrape starts on a machine at rest, as with Prometheus' interval: neither
+            # exporter's work after its answer (a Go collector's garbage collection, say) lands in the
+            # other's scrape.
+            time.sleep(gap_seconds)
             seconds, bodies[name] = scrape(exporters[name].url)
             point.seconds.setdefault(name, []).append(seconds)
     after = statement_totals(monitor)
@@ -392,6 +402,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved scrapes of each exporter per point")
     parser.add_argument("--statements", type=int, default=STATEMENTS, help="distinct pg_stat_statements entries")
     parser.add_argument("--breakdown", action="store_true", help="print migexport's statements at every point")
+    parser.add_argument(
+        "--gap-ms", type=float, default=0.0, help="idle time before each scrape (default 0: back to back)"
+    )
     args = parser.parse_args()
     points = sorted(int(p) for p in args.points.split(","))
     if shutil.which(POSTGRES_EXPORTER) is None:
@@ -420,7 +433,7 @@ def main() -> None:
                     for total in points:
                         sessions.shape(total, monitor)
                         point = Point(total, len(sessions.queue))
-                        measure(point, exporters, monitor, args.rounds, args.breakdown)
+                        measure(point, exporters, monitor, args.rounds, args.breakdown, args.gap_ms / 1000)
                         print_point(point)
                     for name, exp in exporters.items():
                         print(f"{name}: peak RSS {rss_mib(exp, 'VmHWM'):.1f} MiB")
