@@ -1,9 +1,9 @@
 """The cost curve of a scrape: migexport against postgres_exporter as client sessions grow.
 
 Run by hand: `python bench/scrape_curve.py [--points 100,400,500,2000,5000] [--rounds 30]
-[--statements 5000] [--breakdown] [--gap-ms 0]`. It prints figures and asserts nothing about timing. It needs what
-bench/scrape_load.py needs (PostgreSQL server binaries, `prometheus-postgres-exporter` on PATH,
-migexport installed in this interpreter).
+[--statements 5000] [--breakdown] [--gap-ms 0]`. It prints figures and asserts nothing about timing.
+It needs what bench/scrape_load.py needs (PostgreSQL server binaries, `prometheus-postgres-exporter`
+on PATH, migexport installed in this interpreter).
 
 One throwaway primary (127.0.0.1, removed at the end) holds, at every point:
 - N client sessions: a quarter of them a lock queue on `bench_t` (one open transaction that read the
@@ -18,13 +18,12 @@ rounds (migexport then postgres_exporter, then the other way round; back to back
 `--gap-ms` of idle time), and the script prints per exporter: median, p95 and maximum wall time of a
 scrape, the ratio of the medians, the database time of the exporter's own statements per scrape
 (execution + planning, from pg_stat_statements with track_planning on), the statements per scrape
-(round trips), and RSS. The floors beside them are
-the database time of the reads alone at that point: one pass over pg_stat_activity, the exact lock
-graph (pg_locks and pg_blocking_pids() per waiter), and pg_stat_statements' sums; "ratio at floor"
-is the least a scrape of migexport's design could take (the pass's two reads on one session, the sums
-on the other, nothing else) over postgres_exporter's median: an exporter that reads these views
-cannot go under it. migexport's lock figures are checked against the queue it was given: exact at every
-point, or the line says so.
+(round trips), and RSS. The floors beside them are the database time of the reads alone at that
+point: one pass over pg_stat_activity, the exact lock graph (pg_locks and pg_blocking_pids() per
+waiter), and pg_stat_statements' sums; "ratio at floor" is the least a scrape of migexport's design
+could take (the pass's two reads on one session, the sums on the other, nothing else) over
+postgres_exporter's median: an exporter that reads these views cannot go under it. migexport's lock
+figures are checked against the queue it was given: exact at every point, or the line says so.
 """
 
 from __future__ import annotations
