@@ -251,7 +251,8 @@ def compile_package() -> None:
     compileall.compile_dir(str(Path(migexport.__file__).parent), quiet=1)
 
 
-def start_both(cluster: localpg.LocalCluster, workdir: Path) -> dict[str, ExporterProc]:
+def start_migexport(cluster: localpg.LocalCluster, workdir: Path) -> ExporterProc:
+    """`migexport serve`, as its own role, with the queue's ALTER named as the migration's session."""
     config = workdir / "migexport.yml"
     config.write_text(
         "targets:\n"
@@ -261,9 +262,15 @@ def start_both(cluster: localpg.LocalCluster, workdir: Path) -> dict[str, Export
         f"  session_application_name: {MIGRATION_APP}\n"
         f"  state_file: {workdir / 'state.json'}\n"
     )
-    mig_port, pge_port = localpg.free_port(), localpg.free_port()
-    mig_argv = [sys.executable, "-c", "from migexport.cli import main; main()", "serve", "-c", str(config)]
-    mig_argv += ["--listen", f"127.0.0.1:{mig_port}"]
+    port = localpg.free_port()
+    argv = [sys.executable, "-c", "from migexport.cli import main; main()", "serve", "-c", str(config)]
+    argv += ["--listen", f"127.0.0.1:{port}"]
+    return start_exporter("migexport", argv, port, workdir, dict(os.environ))
+
+
+def start_both(cluster: localpg.LocalCluster, workdir: Path) -> dict[str, ExporterProc]:
+    out = {"migexport": start_migexport(cluster, workdir)}
+    pge_port = localpg.free_port()
     pge_env = {
         **os.environ,
         "DATA_SOURCE_NAME": (
@@ -271,7 +278,6 @@ def start_both(cluster: localpg.LocalCluster, workdir: Path) -> dict[str, Export
         ),
     }
     pge_argv = [POSTGRES_EXPORTER, f"--web.listen-address=127.0.0.1:{pge_port}", "--log.level=warn"]
-    out = {"migexport": start_exporter("migexport", mig_argv, mig_port, workdir, dict(os.environ))}
     out["postgres_exporter"] = start_exporter("postgres_exporter", pge_argv, pge_port, workdir, pge_env)
     return out
 
