@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
 from scrape_curve import (
     APP_PREFIX,
     SERVER_SETTINGS,
@@ -56,11 +57,11 @@ def kib_as_mib(value: str) -> float:
     return int(value.split()[0]) / 1024
 
 
-def exporter_sessions(monitor) -> int:
+def exporter_sessions(monitor: psycopg.Connection) -> int:
     return monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migexport'").fetchone()[0]
 
 
-def report(done: int, exp: ExporterProc, monitor, seconds: list[float], db_ms: float) -> None:
+def report(done: int, exp: ExporterProc, monitor: psycopg.Connection, seconds: list[float], db_ms: float) -> None:
     status = proc_status(exp)
     fds = len(os.listdir(f"/proc/{exp.proc.pid}/fd"))
     print(
@@ -71,7 +72,7 @@ def report(done: int, exp: ExporterProc, monitor, seconds: list[float], db_ms: f
     )
 
 
-def soak(exp: ExporterProc, monitor, scrapes: int, every: int) -> None:
+def soak(exp: ExporterProc, monitor: psycopg.Connection, scrapes: int, every: int) -> None:
     print(HEADER)
     block: list[float] = []
     before = statement_totals(monitor)["migexport"][1]
